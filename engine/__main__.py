@@ -1,0 +1,3 @@
+from engine.edges.cli import main
+
+main()

@@ -1,0 +1,232 @@
+"""The configuration: one TOML file, validated once at start into frozen objects.
+
+Secrets never live in the TOML. The file names where they are (an environment variable
+or a file); :func:`load_config` refuses a database URL that embeds a password.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+import zoneinfo
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+DEFAULT_CONFIG = "engine.toml"
+DEFAULT_DATABASE_URL = "sqlite:///var/refloop.db"
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as ``file: key.path: what to fix``."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Frozen):
+    """Where a secret lives: an environment variable or a file (never the TOML)."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    def read(self) -> str | None:
+        if self.env and os.environ.get(self.env):
+            return os.environ[self.env]
+        if self.file:
+            return self.file.read_text().strip()
+        return None
+
+
+class DatabaseConfig(_Frozen):
+    url: str = DEFAULT_DATABASE_URL
+    password: SecretRef | None = None
+    pool_size: int = Field(default=5, ge=1, le=100)
+    # SQLite only: FULL survives power loss, NORMAL only a process crash.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # The embedded default may migrate itself at start; production asks for `db upgrade`.
+    auto_upgrade: bool | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_toml(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from None
+        if url.password:
+            raise ValueError(
+                "the URL holds a password; put it in env REFLOOP_DATABASE_URL or name it "
+                "with [database.password] env = ... or file = ..."
+            )
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite:/// and postgresql:// URLs are supported")
+        return value
+
+
+class HttpConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class TlsConfig(_Frozen):
+    cert_file: Path
+    key_file: Path
+    key_password: SecretRef | None = None
+    # Mutual TLS: when set, a client certificate signed by this CA is required.
+    client_ca_file: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+
+class ListenerConfig(_Frozen):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    host: str = "0.0.0.0"  # noqa: S104 - an interface engine listens for its EHR peers
+    port: int = Field(ge=0, le=65535)
+    tls: TlsConfig | None = None
+    max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    idle_timeout_seconds: float = Field(default=600.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+    allowed_cidrs: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+    ack_mode: Literal["auto", "original", "enhanced"] = "auto"
+    default_charset: str = "utf-8"
+    timezone: str = "UTC"
+    strict_segment_terminators: bool = False
+    # MSH-9.1 values accepted here; empty means every message type in HL7 table 0076.
+    message_types: tuple[str, ...] = ()
+    duplicate_window_seconds: int = Field(default=7 * 24 * 3600, ge=0)
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR like 10.0.0.0/8") from None
+        return value
+
+    @field_validator("default_charset")
+    @classmethod
+    def _charset(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"{value!r} is not a character set Python knows") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone like America/Chicago") from None
+        return value
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in self.allowed_cidrs)
+
+
+class MllpConfig(_Frozen):
+    listeners: tuple[ListenerConfig, ...] = ()
+
+    @field_validator("listeners")
+    @classmethod
+    def _unique(cls, value: tuple[ListenerConfig, ...]) -> tuple[ListenerConfig, ...]:
+        names = [listener.name for listener in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"listener names must be unique; repeated: {', '.join(dupes)}")
+        return value
+
+
+class LoggingConfig(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    # Identifiers in logs are HMAC tokens under this key; created (0600) when missing.
+    token_key: SecretRef = SecretRef(env="REFLOOP_LOG_TOKEN_KEY", file=Path("var/log-token.key"))
+
+
+class IngestConfig(_Frozen):
+    # Group commit: at most this many messages share one transaction.
+    max_batch: int = Field(default=256, ge=1, le=10_000)
+    # Messages waiting for the writer before listeners push back on senders.
+    queue_limit: int = Field(default=4096, ge=1)
+
+
+class Config(_Frozen):
+    database: DatabaseConfig = DatabaseConfig()
+    http: HttpConfig = HttpConfig()
+    mllp: MllpConfig = MllpConfig()
+    logging: LoggingConfig = LoggingConfig()
+    ingest: IngestConfig = IngestConfig()
+    source: Path = Path(DEFAULT_CONFIG)
+
+    def database_url(self) -> str:
+        """The effective URL: env REFLOOP_DATABASE_URL wins, then [database] + password."""
+        env_url = os.environ.get("REFLOOP_DATABASE_URL")
+        if env_url:
+            return env_url
+        url = make_url(self.database.url)
+        secret = self.database.password.read() if self.database.password else None
+        if secret:
+            url = url.set(password=secret)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            path = Path(url.database)
+            if not path.is_absolute():
+                # Relative SQLite paths are relative to the config file, not the cwd.
+                url = url.set(database=str((self.source.parent / path).resolve()))
+        return url.render_as_string(hide_password=False)
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.source.parent / path)
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    return Path(explicit or os.environ.get("REFLOOP_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the TOML; every error names the file and the key path."""
+    source = config_path(path)
+    try:
+        raw = source.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: no such config file (pass --config FILE or set REFLOOP_CONFIG)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
+    return parse_config(data, source)
+
+
+def parse_config(data: Mapping[str, Any], source: Path) -> Config:
+    try:
+        return Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        lines = [f"{source}: {_key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"

@@ -1,0 +1,1 @@
+"""The I/O shells: MLLP listener and client, HTTP app, daemon composition, CLI."""

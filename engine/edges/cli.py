@@ -1,0 +1,400 @@
+"""The ``refloop`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from engine import __version__
+from engine.config import Config, ConfigError, config_path, load_config
+from engine.logs import Tokenizer, configure, load_token_key
+from engine.protocol.hl7v2 import split_segments
+
+F = TypeVar("F", bound=Callable[..., Any])
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def config_option(fn: F) -> F:
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="REFLOOP_CONFIG",
+        default=None,
+        show_envvar=True,
+        help="Config file (default ./engine.toml).",
+    )(fn)
+
+
+def _load(config_file: Path | None) -> Config:
+    try:
+        return load_config(config_path(config_file))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _setup_logging(config: Config, *, level: str | None = None) -> None:
+    key_ref = config.logging.token_key
+    key_file = config.resolve(key_ref.file) if key_ref.file else None
+    key = load_token_key(key_ref.env, key_file)
+    configure(
+        level=level or config.logging.level,
+        fmt=config.logging.format,
+        tokenizer=Tokenizer(key),
+    )
+
+
+def _open_checked(config: Config) -> Engine:
+    from engine.store.database import SchemaError, check_schema, open_engine, ping
+
+    engine = open_engine(
+        config.database_url(), sqlite_synchronous=config.database.sqlite_synchronous
+    )
+    try:
+        ping(engine)
+        check_schema(engine)
+    except SchemaError as exc:
+        engine.dispose()
+        raise click.ClickException(str(exc)) from None
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise click.ClickException(
+            f"cannot reach the database ({type(exc).__name__}); check [database] url or "
+            "REFLOOP_DATABASE_URL"
+        ) from None
+    return engine
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="refloop")
+def main() -> None:
+    """refloop: an HL7 v2 / FHIR R4 interface engine for closed-loop referrals."""
+
+
+# -- run ---------------------------------------------------------------------------
+
+
+@main.command()
+@config_option
+@click.option("--mllp-port", type=int, default=None, help="Override the first listener's port.")
+@click.option("--http-port", type=int, default=None, help="Override [http] port.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+def run(
+    config_file: Path | None, mllp_port: int | None, http_port: int | None, log_level: str | None
+) -> None:
+    """Run the daemon in the foreground (Ctrl-C or SIGTERM stops it gracefully)."""
+    from engine.edges.daemon import Daemon, StartupError, with_overrides
+    from engine.store.database import SchemaError
+
+    config = with_overrides(_load(config_file), mllp_port=mllp_port, http_port=http_port)
+    _setup_logging(config, level=log_level)
+    try:
+        asyncio.run(Daemon(config).run())
+    except (StartupError, SchemaError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc.strerror or exc}") from None
+
+
+# -- db ----------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config_file: Path | None) -> None:
+    """Migrate the database to the schema this refloop needs."""
+    from engine.store.database import open_engine, upgrade
+
+    config = _load(config_file)
+    engine = open_engine(
+        config.database_url(), sqlite_synchronous=config.database.sqlite_synchronous
+    )
+    try:
+        before, after = upgrade(engine)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"upgrade failed ({type(exc).__name__}); check [database] url or REFLOOP_DATABASE_URL"
+        ) from None
+    finally:
+        engine.dispose()
+    if before == after:
+        click.echo(f"database already at {after}")
+    else:
+        click.echo(f"database upgraded: {before or 'empty'} -> {after}")
+
+
+@db.command("current")
+@config_option
+def db_current(config_file: Path | None) -> None:
+    """Print the schema revision of the database and the one this refloop needs."""
+    from engine.store.database import current_revision, head_revision, open_engine
+
+    config = _load(config_file)
+    engine = open_engine(config.database_url())
+    try:
+        click.echo(f"current: {current_revision(engine) or 'none'}\nneeded:  {head_revision()}")
+    finally:
+        engine.dispose()
+
+
+# -- config ------------------------------------------------------------------------
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration."""
+
+
+@config_group.command("check")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@config_option
+def config_check(file: Path | None, config_file: Path | None) -> None:
+    """Validate a config file (FILE, else --config, else REFLOOP_CONFIG, else ./engine.toml)."""
+    path = config_path(file or config_file)
+    config = _load(path)
+    names = ", ".join(f"{x.name}:{x.port}" for x in config.mllp.listeners) or "none"
+    click.echo(f"{path}: ok (listeners: {names}; http: {config.http.host}:{config.http.port})")
+
+
+# -- messages ------------------------------------------------------------------------
+
+
+_RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """``2026-11-23T10:00``, ``2026-11-23`` (UTC unless an offset is given) or ``2h``."""
+    now = now or datetime.now(UTC)
+    m = _RELATIVE.match(value.strip())
+    if m:
+        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: use an ISO time like 2026-11-23T10:00 or a span like 30m, 2h, 7d"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@main.group()
+def messages() -> None:
+    """Browse stored inbound messages."""
+
+
+@messages.command("list")
+@config_option
+@click.option("--status", default=None, help="received, duplicate, rejected, error, ...")
+@click.option("--type", "message_type", default=None, help="ORM or ORM^O01")
+@click.option("--since", default=None, help="ISO time or a span like 2h")
+@click.option("--listener", default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def messages_list(
+    config_file: Path | None,
+    status: str | None,
+    message_type: str | None,
+    since: str | None,
+    listener: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """List stored messages, oldest first."""
+    from engine.store.messages import MessageFilter, list_messages
+
+    config = _load(config_file)
+    engine = _open_checked(config)
+    flt = MessageFilter(
+        status=status,
+        message_type=message_type,
+        since=parse_since(since) if since else None,
+        listener=listener,
+        limit=limit,
+    )
+    out = sys.stdout
+    try:
+        with engine.connect() as conn:
+            if not as_json:
+                out.write(
+                    f"{'ID':>8}  {'RECEIVED (UTC)':19}  {'LISTENER':12}  {'TYPE':16}  "
+                    f"{'CONTROL ID':20}  {'STATUS':10}  ACK\n"
+                )
+            for row in list_messages(conn, flt):
+                if as_json:
+                    out.write(json.dumps(_summary_json(row)) + "\n")
+                else:
+                    out.write(
+                        f"{row['id']:>8}  {row['received_at']:%Y-%m-%d %H:%M:%S}  "
+                        f"{row['listener'][:12]:12}  {(row['message_type'] or '-')[:16]:16}  "
+                        f"{(row['control_id'] or '-')[:20]:20}  {row['status']:10}  "
+                        f"{row['ack_code'] or '-'}\n"
+                    )
+    finally:
+        engine.dispose()
+
+
+def _summary_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "received_at": row["received_at"].isoformat(),
+        "listener": row["listener"],
+        "peer": row["peer"],
+        "control_id": row["control_id"],
+        "message_type": row["message_type"],
+        "sending_application": row["sending_application"],
+        "sending_facility": row["sending_facility"],
+        "status": row["status"],
+        "ack_code": row["ack_code"],
+        "error_code": row["error_code"],
+        "error": row["error"],
+        "size": row["size"],
+    }
+
+
+@messages.command("show")
+@click.argument("message_id", type=int)
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def messages_show(message_id: int, config_file: Path | None, as_json: bool) -> None:
+    """Show one message: metadata, the raw message by segment, its ACK and errors."""
+    from engine.store.messages import get_message
+
+    config = _load(config_file)
+    engine = _open_checked(config)
+    try:
+        with engine.connect() as conn:
+            row = get_message(conn, message_id)
+    finally:
+        engine.dispose()
+    if row is None:
+        raise click.ClickException(f"no message with id {message_id}")
+    codec = _codec_for_display(row.get("charset"))
+    text = row["raw"].decode(codec, "replace")
+    ack = row["ack"].decode("latin-1") if row["ack"] else None
+    if as_json:
+        data = _summary_json(row)
+        data.update(
+            raw=text,
+            segments=split_segments(text),
+            ack=ack,
+            duplicate_of=row["duplicate_of"],
+            raw_truncated=row["raw_truncated"],
+            payload_sha256=row["payload_sha256"],
+        )
+        click.echo(json.dumps(data, indent=2))
+        return
+    lines = [
+        f"message {row['id']}",
+        f"  received     {row['received_at'].isoformat()} on {row['listener']} from {row['peer']}",
+        f"  type         {row['message_type'] or '-'}   control id {row['control_id'] or '-'}",
+        f"  sender       {row['sending_application'] or '-'} / {row['sending_facility'] or '-'}",
+        f"  version      {row['version'] or '-'}   "
+        f"charset {row['charset'] or '(listener default)'}",
+        f"  status       {row['status']}   ack {row['ack_code'] or '-'}",
+        f"  size         {row['size']} bytes"
+        + (" (only a prefix was kept)" if row["raw_truncated"] else ""),
+        f"  sha256       {row['payload_sha256']}",
+    ]
+    if row["duplicate_of"]:
+        lines.append(f"  duplicate of {row['duplicate_of']}")
+    if row["error"]:
+        lines.append(f"  error        {row['error_code']}: {row['error']}")
+    lines.append("segments:")
+    lines += [f"  {seg}" for seg in split_segments(text)]
+    if ack:
+        lines.append("ack:")
+        lines += [f"  {seg}" for seg in split_segments(ack)]
+    click.echo("\n".join(lines))
+
+
+def _codec_for_display(charset: str | None) -> str:
+    from engine.protocol.hl7v2 import HeaderError, codec_for
+
+    try:
+        return codec_for(charset or "", "utf-8")
+    except HeaderError:
+        return "latin-1"
+
+
+# -- send ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=2575, show_default=True)
+@click.option(
+    "--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None
+)
+@click.option(
+    "--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None
+)
+@click.option(
+    "--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None
+)
+@click.option("--tls", "use_tls", is_flag=True, help="Use TLS with the system CAs.")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@config_option
+def send(
+    files: tuple[Path, ...],
+    host: str,
+    port: int,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    use_tls: bool,
+    timeout: float,
+    config_file: Path | None,
+) -> None:
+    """Send HL7 v2 message files over MLLP and print each ACK.
+
+    A file may hold several messages (a blank line or a new MSH starts the next).
+    Exits non-zero unless every message was answered AA or CA.
+    """
+    from engine.edges.mllp_client import MllpClient, client_tls, read_messages
+
+    del config_file  # accepted for uniformity; sending needs no config
+    tls = client_tls(tls_ca, tls_cert, tls_key) if (tls_ca or tls_cert or use_tls) else None
+    batch = [(path, msg) for path in files for msg in read_messages(path)]
+    if not batch:
+        raise click.ClickException("no HL7 messages found in the given files")
+
+    async def go() -> int:
+        failures = 0
+        async with MllpClient(host, port, tls=tls, timeout=timeout) as client:
+            for path, msg in batch:
+                receipt = await client.send(msg)
+                status = receipt.code or "??"
+                detail = f" {receipt.text}" if receipt.text else ""
+                click.echo(f"{path.name}: {receipt.control_id or '-'} {status}{detail}")
+                if not receipt.ok:
+                    failures += 1
+        return failures
+
+    try:
+        failures = asyncio.run(go())
+    except (OSError, TimeoutError) as exc:
+        raise click.ClickException(
+            f"could not talk to {host}:{port}: {exc.__class__.__name__} {exc}".strip()
+        ) from None
+    if failures:
+        click.echo(f"{failures} of {len(batch)} messages were not accepted", err=True)
+        sys.exit(1)

@@ -1,0 +1,212 @@
+"""The composition root: wires config, store, writer, listeners and HTTP into one
+process and one event loop, and shuts them down in the right order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from engine.config import Config, ListenerConfig
+from engine.edges.http_app import build_app
+from engine.edges.mllp_listener import MllpListener
+from engine.logs import get_logger
+from engine.metrics import Metrics
+from engine.services.writer import GroupCommitWriter
+from engine.store.database import (
+    SchemaError,
+    check_schema,
+    current_revision,
+    is_sqlite,
+    open_engine,
+    ping,
+    upgrade,
+)
+
+log = get_logger("refloop.daemon")
+
+DRAIN_SECONDS = 30.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our loop: the daemon owns signal handling, not uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def prepare_database(config: Config) -> Engine:
+    """Open the database and make sure its schema is current (or say how to fix it)."""
+    url = config.database_url()
+    engine = open_engine(
+        url,
+        pool_size=config.database.pool_size,
+        sqlite_synchronous=config.database.sqlite_synchronous,
+    )
+    try:
+        ping(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise StartupError(
+            f"cannot reach the database ({_cause(exc)}); check [database] url "
+            "in the config or REFLOOP_DATABASE_URL, and that the server is running"
+        ) from None
+    auto = config.database.auto_upgrade
+    if auto is None:
+        auto = is_sqlite(url)
+    try:
+        check_schema(engine)
+    except SchemaError:
+        if not auto:
+            engine.dispose()
+            raise
+        before, after = upgrade(engine)
+        log.info("db.upgraded", before=before, after=after)
+    return engine
+
+
+class Daemon:
+    def __init__(self, config: Config, *, install_signals: bool = True) -> None:
+        self.config = config
+        self.install_signals = install_signals
+        self.ready = asyncio.Event()
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.writer: GroupCommitWriter | None = None
+        self.listeners: list[MllpListener] = []
+        self.http: _EmbeddedServer | None = None
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self._on_signal, sig)
+        self.engine = await asyncio.to_thread(prepare_database, self.config)
+        self.writer = GroupCommitWriter(
+            self.engine, self.metrics, max_batch=self.config.ingest.max_batch
+        )
+        self.writer.start()
+        http_task: asyncio.Task[None] | None = None
+        try:
+            for lcfg in self.config.mllp.listeners:
+                listener = MllpListener(lcfg, self.writer, self.metrics)
+                await listener.start()
+                self.listeners.append(listener)
+            http_task = await self._start_http()
+            log.info(
+                "daemon.ready",
+                listeners=[f"{x.cfg.name}:{x.port}" for x in self.listeners],
+                http=f"{self.config.http.host}:{self.http_port}",
+                schema=current_revision(self.engine),
+            )
+            self.ready.set()
+            await self._stop.wait()
+        finally:
+            await self._shutdown(http_task)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("daemon.stopping", signal=sig.name)
+        self._stop.set()
+
+    async def _start_http(self) -> asyncio.Task[None]:
+        app = build_app(
+            self.metrics,
+            database_ok=self._database_ok,
+            listeners_ok=lambda: [(x.cfg.name, x.serving) for x in self.listeners],
+        )
+        cfg = uvicorn.Config(
+            app,
+            host=self.config.http.host,
+            port=self.config.http.port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+        )
+        self.http = _EmbeddedServer(cfg)
+        task = asyncio.get_running_loop().create_task(self.http.serve())
+        while not self.http.started:
+            if task.done():
+                task.result()
+                raise StartupError(
+                    f"HTTP server could not bind {self.config.http.host}:{self.config.http.port}"
+                )
+            await asyncio.sleep(0.01)
+        return task
+
+    @property
+    def http_port(self) -> int:
+        """The bound HTTP port (differs from the config when it asked for port 0)."""
+        if self.http is None or not self.http.servers:
+            return self.config.http.port
+        return int(self.http.servers[0].sockets[0].getsockname()[1])
+
+    def _database_ok(self) -> bool:
+        if self.engine is None:
+            return False
+        try:
+            ping(self.engine)
+        except SQLAlchemyError:
+            return False
+        return True
+
+    async def _shutdown(self, http_task: asyncio.Task[None] | None) -> None:
+        # 1. stop accepting; 2. finish what was received (ACKs included);
+        # 3. stop HTTP; 4. commit what is queued and close the database.
+        for listener in self.listeners:
+            await listener.stop_accepting()
+        for listener in self.listeners:
+            try:
+                await listener.drain(DRAIN_SECONDS)
+            except TimeoutError:
+                log.error("daemon.drain.timeout", listener=listener.cfg.name)
+        if self.http is not None:
+            self.http.should_exit = True
+        if http_task is not None:
+            with contextlib.suppress(Exception):
+                await http_task
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.stop)
+        if self.engine is not None:
+            self.engine.dispose()
+        log.info("daemon.stopped")
+
+
+def with_overrides(
+    config: Config, *, mllp_port: int | None = None, http_port: int | None = None
+) -> Config:
+    """Command-line port overrides (benchmarks, side-by-side runs)."""
+    if mllp_port is not None:
+        if config.mllp.listeners:
+            first = config.mllp.listeners[0].model_copy(update={"port": mllp_port})
+            listeners = (first, *config.mllp.listeners[1:])
+        else:
+            listeners = (ListenerConfig(name="default", port=mllp_port),)
+        config = config.model_copy(
+            update={"mllp": config.mllp.model_copy(update={"listeners": listeners})}
+        )
+    if http_port is not None:
+        config = config.model_copy(
+            update={"http": config.http.model_copy(update={"port": http_port})}
+        )
+    return config
+
+
+def _cause(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    return type(orig or exc).__name__

@@ -1,0 +1,47 @@
+"""The HTTP app: health, readiness and Prometheus metrics (later: FHIR, API, UI)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine.metrics import Metrics
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def build_app(
+    metrics: Metrics,
+    *,
+    database_ok: Callable[[], bool],
+    listeners_ok: Callable[[], Sequence[tuple[str, bool]]],
+) -> Starlette:
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        db = await asyncio.to_thread(database_ok)
+        listeners = {name: up for name, up in listeners_ok()}
+        ready = db and all(listeners.values())
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "database": "ok" if db else "unreachable",
+            "listeners": {n: "bound" if up else "down" for n, up in listeners.items()},
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(metrics.exposition(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
+        ]
+    )

@@ -1,0 +1,375 @@
+"""The MLLP listener: a thin asyncio shell around the frame decoder and intake.
+
+Per connection, frames are handled strictly in order (MLLP is a request/response
+protocol, and pipelined frames must be answered in the order sent). Each frame is
+assessed (pure), committed by the group-commit writer, and only then acknowledged.
+Reading pauses while a connection has too many frames waiting, so a fast sender
+cannot grow our memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+import time
+import uuid
+import zoneinfo
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from engine.config import ListenerConfig
+from engine.logs import get_logger
+from engine.metrics import Metrics
+from engine.protocol.ack import Outcome
+from engine.protocol.mllp import Frame, FrameDecoder, Junk, Oversize, encode
+from engine.services.intake import (
+    Answer,
+    Intake,
+    Policy,
+    ack_for,
+    assess,
+    assess_oversize,
+    record,
+    storage_failure_ack,
+)
+from engine.services.writer import GroupCommitWriter, StorageUnavailable
+
+log = get_logger("refloop.mllp")
+
+_HIGH_WATER_FRAMES = 32
+_OUTCOME_LABEL = {Outcome.ACCEPT: "accepted", Outcome.ERROR: "error", Outcome.REJECT: "rejected"}
+
+
+def policy_from(cfg: ListenerConfig) -> Policy:
+    return Policy(
+        listener=cfg.name,
+        ack_mode=cfg.ack_mode,
+        default_charset=cfg.default_charset,
+        strict_segment_terminators=cfg.strict_segment_terminators,
+        message_types=frozenset(cfg.message_types),
+        duplicate_window=timedelta(seconds=cfg.duplicate_window_seconds),
+        max_message_bytes=cfg.max_message_bytes,
+    )
+
+
+def tls_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
+    tls = cfg.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    password = tls.key_password.read() if tls.key_password else None
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=password)
+    if tls.client_ca_file is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+    return ctx
+
+
+class MllpListener:
+    def __init__(
+        self,
+        cfg: ListenerConfig,
+        writer: GroupCommitWriter,
+        metrics: Metrics,
+        *,
+        clock: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.policy = policy_from(cfg)
+        self.writer = writer
+        self.metrics = metrics
+        self.networks = cfg.networks()
+        self.tz = zoneinfo.ZoneInfo(cfg.timezone)
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.connections: set[MllpConnection] = set()
+        self.server: asyncio.Server | None = None
+        self._label_messages: dict[tuple[str, str], Any] = {}
+        metrics.declare_listener(cfg.name)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: MllpConnection(self),
+            host=self.cfg.host,
+            port=self.cfg.port,
+            ssl=tls_context(self.cfg),
+            reuse_address=True,
+            backlog=512,
+            ssl_handshake_timeout=10.0 if self.cfg.tls else None,
+        )
+        log.info(
+            "mllp.listener.started",
+            listener=self.cfg.name,
+            host=self.cfg.host,
+            port=self.port,
+            tls=self.cfg.tls is not None,
+            mutual_tls=bool(self.cfg.tls and self.cfg.tls.client_ca_file),
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def serving(self) -> bool:
+        return self.server is not None and self.server.is_serving()
+
+    async def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - one bound for all
+        """Finish every frame already received (ACKs included), then close."""
+        conns = list(self.connections)
+        for conn in conns:
+            conn.stop_reading()
+        waits = [c.idle.wait() for c in conns]
+        if waits:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        for conn in conns:
+            conn.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    def count(self, intake: Intake, outcome: str) -> None:
+        key = (intake.type_label, outcome)
+        child = self._label_messages.get(key)
+        if child is None:
+            child = self.metrics.messages.labels(self.cfg.name, key[0], outcome)
+            self._label_messages[key] = child
+        child.inc()
+
+    def allowed(self, host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks if net.version == addr.version)
+
+
+class MllpConnection(asyncio.Protocol):
+    def __init__(self, listener: MllpListener) -> None:
+        self.listener = listener
+        self.decoder = FrameDecoder(listener.cfg.max_message_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "unknown"
+        self.frames: deque[Frame | Oversize] = deque()
+        self.wakeup = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False
+        self.reading = True
+        self.last_activity = time.monotonic()
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.registered = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        lst = self.listener
+        name = lst.cfg.name
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if peer else "unknown"
+        self.peer = f"{host}:{peer[1]}" if peer else "unknown"
+        if not lst.allowed(host):
+            lst.metrics.refused.labels(name, "cidr").inc()
+            log.warning("mllp.connection.refused", listener=name, peer=self.peer, reason="cidr")
+            transport.abort()
+            return
+        if len(lst.connections) >= lst.cfg.max_connections:
+            lst.metrics.refused.labels(name, "max_connections").inc()
+            log.warning(
+                "mllp.connection.refused", listener=name, peer=self.peer, reason="max_connections"
+            )
+            transport.abort()
+            return
+        self.registered = True
+        lst.connections.add(self)
+        lst.metrics.connections.labels(name).inc()
+        log.info("mllp.connection.opened", listener=name, peer=self.peer)
+        self.task = asyncio.get_running_loop().create_task(self._worker())
+        self._arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        lst = self.listener
+        for event in self.decoder.feed(data):
+            if isinstance(event, Junk):
+                self._junk(event)
+            else:
+                self.frames.append(event)
+                self.idle.clear()
+                self.wakeup.set()
+        if len(self.frames) >= _HIGH_WATER_FRAMES and self.reading and self.transport:
+            self.transport.pause_reading()
+            self.reading = False
+        del lst
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for event in self.decoder.close():
+            if isinstance(event, Junk):
+                self._junk(event)
+        self.closing = True
+        self.wakeup.set()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.registered:
+            lst = self.listener
+            lst.connections.discard(self)
+            lst.metrics.connections.labels(lst.cfg.name).dec()
+            log.info("mllp.connection.closed", listener=lst.cfg.name, peer=self.peer)
+            self.registered = False
+
+    # -- the per-connection worker ---------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            if not self.frames:
+                self.idle.set()
+                if self.closing:
+                    return
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            item = self.frames.popleft()
+            if not self.reading and len(self.frames) < _HIGH_WATER_FRAMES // 2 and self.transport:
+                self.reading = True
+                self.transport.resume_reading()
+            try:
+                await self._handle(item)
+            except Exception:  # never let one frame kill the connection's worker
+                log.exception("mllp.frame.failed", listener=self.listener.cfg.name)
+            if isinstance(item, Oversize):
+                self.close()
+
+    async def _handle(self, item: Frame | Oversize) -> None:
+        lst = self.listener
+        started = time.perf_counter()
+        received_at = lst.now()
+        if isinstance(item, Oversize):
+            lst.metrics.framing_errors.labels(lst.cfg.name, "oversize").inc()
+            intake = assess_oversize(item.prefix, item.size, lst.policy)
+            payload, size = item.prefix, item.size
+        else:
+            intake = assess(item.payload, lst.policy)
+            payload, size = item.payload, len(item.payload)
+        answer = ack_for(
+            intake, lst.policy.ack_mode, control_id=_ack_id(), now=received_at.astimezone(lst.tz)
+        )
+        row = record(
+            intake,
+            payload=payload,
+            listener=lst.cfg.name,
+            peer=self.peer,
+            received_at=received_at,
+            answer=answer,
+            size=size,
+        )
+        outcome = _OUTCOME_LABEL[intake.outcome]
+        try:
+            stored = await lst.writer.store(row, lst.policy.duplicate_window)
+        except StorageUnavailable:
+            ack: bytes | None = storage_failure_ack(
+                intake,
+                lst.policy.ack_mode,
+                control_id=_ack_id(),
+                now=received_at.astimezone(lst.tz),
+            )
+            outcome = "storage_error"
+            log.error(
+                "mllp.message.not_stored",
+                listener=lst.cfg.name,
+                control_id=intake.header.control_id if intake.header else None,
+            )
+        else:
+            ack = answer.ack
+            if stored.duplicate_of is not None:
+                ack = stored.original_ack
+                outcome = "duplicate"
+            _log_stored(lst.cfg.name, intake, answer, stored.message_id, outcome)
+        lst.count(intake, outcome)
+        if ack is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode(ack))
+        lst.metrics.ack_latency.labels(lst.cfg.name).observe(time.perf_counter() - started)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _junk(self, event: Junk) -> None:
+        name = self.listener.cfg.name
+        self.listener.metrics.framing_errors.labels(name, event.reason).inc()
+        self.listener.metrics.junk_bytes.labels(name).inc(event.size)
+        log.warning(
+            "mllp.framing.junk",
+            listener=name,
+            peer=self.peer,
+            bytes=event.size,
+            reason=event.reason,
+        )
+
+    def _arm_idle_timer(self) -> None:
+        timeout = self.listener.cfg.idle_timeout_seconds
+        loop = asyncio.get_running_loop()
+        self.idle_timer = loop.call_at(loop.time() + timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        timeout = self.listener.cfg.idle_timeout_seconds
+        quiet = time.monotonic() - self.last_activity
+        if quiet >= timeout and self.idle.is_set() and not self.closing:
+            name = self.listener.cfg.name
+            self.listener.metrics.framing_errors.labels(name, "idle_timeout").inc()
+            log.info("mllp.connection.idle_timeout", listener=name, peer=self.peer)
+            self.close()
+            return
+        loop = asyncio.get_running_loop()
+        self.idle_timer = loop.call_at(loop.time() + max(timeout - quiet, 0.05), self._check_idle)
+
+    def stop_reading(self) -> None:
+        if self.transport is not None and self.reading and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.reading = False
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _ack_id() -> str:
+    # 20 characters: MSH-10 is ST(20) up to v2.6.
+    return uuid.uuid4().hex[:20]
+
+
+def _log_stored(
+    listener: str, intake: Intake, answer: Answer, message_id: int, outcome: str
+) -> None:
+    if intake.error is not None:
+        log.warning(
+            "mllp.message.refused",
+            listener=listener,
+            message_id=message_id,
+            message_type=intake.type_label,
+            ack_code=answer.code,
+            error_code=intake.error.code,
+            reason=intake.error.reason,
+        )
+    else:
+        log.debug(
+            "mllp.message.stored",
+            listener=listener,
+            message_id=message_id,
+            message_type=intake.type_label,
+            outcome=outcome,
+        )

@@ -1,0 +1,234 @@
+"""What to store and how to answer, for one inbound frame (pure).
+
+The listener calls :func:`assess` on each frame, hands the resulting record to the
+writer, and, once the writer says it is committed, sends :func:`ack_for`'s answer. No
+clock, socket or database here: ``now`` and the ACK control id come in as values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from engine.protocol.ack import AckError, Outcome, ack_code, build_ack, wants_accept_ack
+from engine.protocol.hl7v2 import Header, HeaderError, codec_for, decode, parse_header
+
+#: HL7 table 0076 (message type). MSH-9.1 outside it is answered AR 200.
+MESSAGE_TYPES = frozenset(
+    (
+        "ACK ADR ADT BAR BPS BRP BRT BTS CCF CCI CCM CCQ CCR CCU CQU CRM CSU DBC "
+        "DBU DEL DEO DER DFT DOC DPR DSR EAC EAN EAR EHC ESR ESU INR INU LSR LSU "
+        "MDM MFD MFK MFN MFQ MFR NMD NMQ NMR OMB OMD OMG OMI OML OMN OMP OMQ OMS "
+        "OPL OPR OPU ORA ORB ORD ORF ORG ORI ORL ORM ORN ORP ORR ORS ORU ORX OSM "
+        "OSQ OSR OSU OUL PEX PGL PIN PMU PPG PPP PPR PPT PPV PRR PTR QBP QCK QCN "
+        "QRY QSB QSX QVR RAR RAS RCI RCL RDE RDR RDS RDY REF RER RGR RGV ROC ROR "
+        "RPA RPI RPL RPR RQA RQC RQI RQP RRA RRD RRE RRG RRI RSP RTB SCN SDN SDR "
+        "SIU SLN SLR SMD SQM SQR SRM SRR SSR SSU STC STI SUR TBR TCR TCU UDM VXQ "
+        "VXR VXU VXX"
+    ).split()
+)
+_TRIGGER = re.compile(r"^[A-Z0-9]{3}$")
+
+Status = Literal["received", "duplicate", "rejected", "error"]
+AckMode = Literal["auto", "original", "enhanced"]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The listener options that decide intake (from ``[[mllp.listeners]]``)."""
+
+    listener: str
+    ack_mode: AckMode = "auto"
+    default_charset: str = "utf-8"
+    strict_segment_terminators: bool = False
+    message_types: frozenset[str] = frozenset()
+    duplicate_window: timedelta = timedelta(days=7)
+    max_message_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """The verdict on one frame, before it is stored."""
+
+    header: Header | None
+    outcome: Outcome
+    status: Status
+    error: AckError | None
+    codec: str
+    dedup_key: str | None
+    payload_sha256: str
+
+    @property
+    def type_label(self) -> str:
+        """A bounded metric label: ``ORM^O01``, or ``invalid``."""
+        h = self.header
+        if h is None or h.message_code not in MESSAGE_TYPES:
+            return "invalid"
+        trigger = h.trigger_event
+        if not trigger:
+            return h.message_code
+        return h.type_label if _TRIGGER.match(trigger) else f"{h.message_code}^invalid"
+
+    def enhanced(self, mode: AckMode) -> bool:
+        if mode == "original":
+            return False
+        if mode == "enhanced":
+            return True
+        return self.header is not None and self.header.enhanced_mode
+
+
+def assess(payload: bytes, policy: Policy) -> Intake:
+    digest = hashlib.sha256(payload).hexdigest()
+    try:
+        header = parse_header(payload, strict_terminators=policy.strict_segment_terminators)
+    except HeaderError as exc:
+        return _refused(None, Outcome.REJECT, exc, digest, "ascii")
+    try:
+        codec = codec_for(header.charset, policy.default_charset)
+    except HeaderError as exc:
+        return _refused(header, Outcome.ERROR, exc, digest, "latin-1")
+    code = header.message_code
+    if code not in MESSAGE_TYPES:
+        err = HeaderError(200, "MSH-9.1 is not a message type in HL7 table 0076", field="MSH-9")
+        return _refused(header, Outcome.REJECT, err, digest, codec)
+    if policy.message_types and code not in policy.message_types:
+        err = HeaderError(200, f"this listener does not accept {code} messages", field="MSH-9")
+        return _refused(header, Outcome.REJECT, err, digest, codec)
+    try:
+        decode(payload, codec)
+    except HeaderError as exc:
+        return _refused(header, Outcome.ERROR, exc, digest, codec)
+    return Intake(
+        header=header,
+        outcome=Outcome.ACCEPT,
+        status="received",
+        error=None,
+        codec=codec,
+        dedup_key=dedup_key(header),
+        payload_sha256=digest,
+    )
+
+
+def assess_oversize(prefix: bytes, size: int, policy: Policy) -> Intake:
+    """A frame over ``max_message_bytes``: rejected, answered from its header if readable."""
+    digest = hashlib.sha256(prefix).hexdigest()
+    try:
+        header: Header | None = parse_header(prefix)
+    except HeaderError:
+        header = None
+    err = HeaderError(
+        104,
+        f"message is {size} bytes; this listener accepts at most "
+        f"{policy.max_message_bytes} (max_message_bytes)",
+    )
+    return _refused(header, Outcome.REJECT, err, digest, "latin-1")
+
+
+def _refused(
+    header: Header | None, outcome: Outcome, exc: HeaderError, digest: str, codec: str
+) -> Intake:
+    return Intake(
+        header=header,
+        outcome=outcome,
+        status="rejected" if outcome is Outcome.REJECT else "error",
+        error=AckError(exc.code, exc.reason, exc.field),
+        codec=codec,
+        dedup_key=None,
+        payload_sha256=digest,
+    )
+
+
+def dedup_key(header: Header) -> str:
+    """Same sender (MSH-3, MSH-4) and control id (MSH-10) → same key."""
+    basis = "\x1f".join((header.sending_application, header.sending_facility, header.control_id))
+    return hashlib.sha256(basis.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    code: str  # MSA-1
+    ack: bytes | None  # None when MSH-15 asks for no accept acknowledgement
+
+
+def ack_for(intake: Intake, mode: AckMode, *, control_id: str, now: datetime) -> Answer:
+    """The acknowledgement for this intake."""
+    enhanced = intake.enhanced(mode)
+    code = ack_code(intake.outcome, enhanced=enhanced)
+    if (
+        enhanced
+        and intake.header is not None
+        and not wants_accept_ack(intake.header, intake.outcome)
+    ):
+        return Answer(code, None)
+    ack = build_ack(
+        intake.header,
+        code,
+        control_id=control_id,
+        now=now,
+        error=intake.error,
+        charset_codec=intake.codec,
+    )
+    return Answer(code, ack)
+
+
+def storage_failure_ack(intake: Intake, mode: AckMode, *, control_id: str, now: datetime) -> bytes:
+    """Answer when the message could not be committed: reject, so the sender retries."""
+    failed = Intake(
+        header=intake.header,
+        outcome=Outcome.REJECT,
+        status="rejected",
+        error=AckError(207, "refloop could not store the message; resend it later"),
+        codec=intake.codec,
+        dedup_key=None,
+        payload_sha256=intake.payload_sha256,
+    )
+    enhanced = failed.enhanced(mode)
+    return build_ack(
+        failed.header,
+        ack_code(Outcome.REJECT, enhanced=enhanced),
+        control_id=control_id,
+        now=now,
+        error=failed.error,
+        charset_codec=failed.codec,
+    )
+
+
+def record(
+    intake: Intake,
+    *,
+    payload: bytes,
+    listener: str,
+    peer: str,
+    received_at: datetime,
+    answer: Answer,
+    size: int | None = None,
+) -> dict[str, Any]:
+    """The ``messages`` row for this frame."""
+    h = intake.header
+    return {
+        "received_at": received_at,
+        "listener": listener,
+        "peer": peer,
+        "raw": payload,
+        "size": len(payload) if size is None else size,
+        "raw_truncated": size is not None and size > len(payload),
+        "message_type": h.message_type if h else None,
+        "control_id": h.control_id if h else None,
+        "sending_application": h.sending_application if h else None,
+        "sending_facility": h.sending_facility if h else None,
+        "receiving_application": h.receiving_application if h else None,
+        "receiving_facility": h.receiving_facility if h else None,
+        "version": h.version if h else None,
+        "charset": h.charset if h and h.charset else None,
+        "dedup_key": intake.dedup_key,
+        "payload_sha256": intake.payload_sha256,
+        "status": intake.status,
+        "ack_code": answer.code if answer.ack is not None else None,
+        "ack": answer.ack,
+        "error_code": intake.error.code if intake.error else None,
+        "error": intake.error.reason if intake.error else None,
+        "duplicate_of": None,
+    }

@@ -1,0 +1,1 @@
+"""Persistence: schema, connections and migrations, and the queries each owner needs."""
