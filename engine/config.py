@@ -94,6 +94,8 @@ class ListenerConfig(_Frozen):
     max_connections: int = Field(default=256, ge=1)
     allowed_cidrs: tuple[str, ...] = ("0.0.0.0/0", "::/0")
     ack_mode: Literal["auto", "original", "enhanced"] = "auto"
+    # MSH-15 NE/ER/SU may suppress the accept ACK; off by default: never answer silence.
+    honour_accept_ack_type: bool = False
     default_charset: str = "utf-8"
     timezone: str = "UTC"
     strict_segment_terminators: bool = False

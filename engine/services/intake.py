@@ -47,6 +47,7 @@ class Policy:
     message_types: frozenset[str] = frozenset()
     duplicate_window: timedelta = timedelta(days=7)
     max_message_bytes: int = 10 * 1024 * 1024
+    honour_accept_ack_type: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +154,25 @@ class Answer:
     ack: bytes | None  # None when MSH-15 asks for no accept acknowledgement
 
 
-def ack_for(intake: Intake, mode: AckMode, *, control_id: str, now: datetime) -> Answer:
-    """The acknowledgement for this intake."""
+def ack_for(
+    intake: Intake,
+    mode: AckMode,
+    *,
+    control_id: str,
+    now: datetime,
+    honour_accept_ack_type: bool = False,
+) -> Answer:
+    """The acknowledgement for this intake.
+
+    By default every frame is answered, whatever MSH-15 says: on MLLP a sender that
+    waits for an answer and gets silence times out and resends, and one that asked for
+    none ignores it. A listener may honour MSH-15 (NE/ER/SU) to the letter instead.
+    """
     enhanced = intake.enhanced(mode)
     code = ack_code(intake.outcome, enhanced=enhanced)
     if (
-        enhanced
+        honour_accept_ack_type
+        and enhanced
         and intake.header is not None
         and not wants_accept_ack(intake.header, intake.outcome)
     ):

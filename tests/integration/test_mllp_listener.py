@@ -143,19 +143,21 @@ async def test_peer_outside_allowed_cidrs_is_refused(config_for, upgraded_url):
 
 
 @pytest.mark.parametrize(
-    ("mode", "msh15", "msh16", "expected"),
+    ("mode", "honour", "msh15", "msh16", "expected"),
     [
-        ("auto", "", "", "AA"),
-        ("auto", "AL", "NE", "CA"),
-        ("auto", "", "AL", "CA"),
-        ("auto", "ER", "AL", None),
-        ("auto", "NE", "NE", None),
-        ("original", "AL", "NE", "AA"),
-        ("enhanced", "", "", "CA"),
+        ("auto", False, "", "", "AA"),
+        ("auto", False, "AL", "NE", "CA"),
+        ("auto", False, "", "AL", "CA"),
+        ("auto", False, "NE", "NE", "CA"),  # never silence, unless told to honour MSH-15
+        ("auto", True, "ER", "AL", None),
+        ("auto", True, "NE", "NE", None),
+        ("auto", True, "SU", "NE", "CA"),
+        ("original", True, "NE", "NE", "AA"),
+        ("enhanced", False, "", "", "CA"),
     ],
 )
-async def test_ack_mode(config_for, upgraded_url, mode, msh15, msh16, expected):
-    cfg = config_for(listeners=listener(ack_mode=mode))
+async def test_ack_mode(config_for, upgraded_url, mode, honour, msh15, msh16, expected):
+    cfg = config_for(listeners=listener(ack_mode=mode, honour_accept_ack_type=honour))
     async with running(cfg) as d:
         peer = await RawMllp.connect(d.listeners[0].port)
         await peer.send_raw(encode(msg("MODE", msh15=msh15, msh16=msh16)))
