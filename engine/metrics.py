@@ -101,6 +101,8 @@ class Metrics:
         for reason in ("outside_frame", "abandoned_frame", "oversize", "idle_timeout"):
             self.framing_errors.labels(listener, reason)
         self.junk_bytes.labels(listener)
+        for reason in ("cidr", "max_connections"):
+            self.refused.labels(listener, reason)
         self.ack_latency.labels(listener)
 
     def exposition(self) -> bytes:

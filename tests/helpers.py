@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -141,10 +142,8 @@ class RawMllp:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 def segments(ack: bytes) -> dict[str, list[str]]:
@@ -158,6 +157,4 @@ def segments(ack: bytes) -> dict[str, list[str]]:
 
 
 def pg_url() -> str:
-    return os.environ.get(
-        "REFLOOP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-    )
+    return os.environ.get("REFLOOP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -372,7 +373,17 @@ def send(
     from engine.edges.mllp_client import MllpClient, client_tls, read_messages
 
     del config_file  # accepted for uniformity; sending needs no config
-    tls = client_tls(tls_ca, tls_cert, tls_key) if (tls_ca or tls_cert or use_tls) else None
+    if tls_key and not tls_cert:
+        raise click.UsageError("--tls-key needs --tls-cert (the certificate it belongs to)")
+    tls = None
+    if tls_ca or tls_cert or use_tls:
+        try:
+            tls = client_tls(tls_ca, tls_cert, tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise click.ClickException(
+                f"cannot use the TLS files given ({getattr(exc, 'reason', None) or exc}); "
+                "--tls-ca must be a PEM CA certificate, --tls-cert/--tls-key a PEM pair"
+            ) from None
     batch = [(path, msg) for path in files for msg in read_messages(path)]
     if not batch:
         raise click.ClickException("no HL7 messages found in the given files")
@@ -392,8 +403,9 @@ def send(
     try:
         failures = asyncio.run(go())
     except (OSError, TimeoutError) as exc:
+        hint = " (check the client certificate: --tls-cert/--tls-key)" if tls else ""
         raise click.ClickException(
-            f"could not talk to {host}:{port}: {exc.__class__.__name__} {exc}".strip()
+            f"could not talk to {host}:{port}: {exc.__class__.__name__} {exc}".strip() + hint
         ) from None
     if failures:
         click.echo(f"{failures} of {len(batch)} messages were not accepted", err=True)

@@ -51,6 +51,7 @@ def policy_from(cfg: ListenerConfig) -> Policy:
         message_types=frozenset(cfg.message_types),
         duplicate_window=timedelta(seconds=cfg.duplicate_window_seconds),
         max_message_bytes=cfg.max_message_bytes,
+        honour_accept_ack_type=cfg.honour_accept_ack_type,
     )
 
 
@@ -97,7 +98,7 @@ class MllpListener:
             lambda: MllpConnection(self),
             host=self.cfg.host,
             port=self.cfg.port,
-            ssl=tls_context(self.cfg),
+            ssl=self._watch_tls_handshakes(tls_context(self.cfg)),
             reuse_address=True,
             backlog=512,
             ssl_handshake_timeout=10.0 if self.cfg.tls else None,
@@ -110,6 +111,40 @@ class MllpListener:
             tls=self.cfg.tls is not None,
             mutual_tls=bool(self.cfg.tls and self.cfg.tls.client_ca_file),
         )
+
+    def _watch_tls_handshakes(self, ctx: ssl.SSLContext | None) -> ssl.SSLContext | None:
+        """Count and log failed TLS handshakes as refused connections.
+
+        asyncio drops a failed server-side handshake silently: ssl.SSLError is an OSError,
+        which it logs only in debug mode and never passes to the loop's exception handler,
+        and the protocol is never told. So watch where the failure happens, in the
+        SSLObject asyncio drives for each connection (SSLContext.sslobject_class). A peer
+        that connects and leaves without a handshake (a port probe) is not counted.
+        """
+        if ctx is None:
+            return None
+        name = self.cfg.name
+        refused = self.metrics.refused.labels(name, "tls_handshake")
+
+        class _WatchedSSLObject(ssl.SSLObject):
+            def do_handshake(self) -> None:
+                try:
+                    super().do_handshake()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    raise
+                except ssl.SSLError as exc:
+                    refused.inc()
+                    # OpenSSL's reason code only (e.g. CERTIFICATE_VERIFY_FAILED): no PHI.
+                    log.warning(
+                        "mllp.connection.refused",
+                        listener=name,
+                        reason="tls_handshake",
+                        tls_error=exc.reason or type(exc).__name__,
+                    )
+                    raise
+
+        ctx.sslobject_class = _WatchedSSLObject
+        return ctx
 
     @property
     def port(self) -> int:
@@ -268,7 +303,11 @@ class MllpConnection(asyncio.Protocol):
             intake = assess(item.payload, lst.policy)
             payload, size = item.payload, len(item.payload)
         answer = ack_for(
-            intake, lst.policy.ack_mode, control_id=_ack_id(), now=received_at.astimezone(lst.tz)
+            intake,
+            lst.policy.ack_mode,
+            control_id=_ack_id(),
+            now=received_at.astimezone(lst.tz),
+            honour_accept_ack_type=lst.policy.honour_accept_ack_type,
         )
         row = record(
             intake,

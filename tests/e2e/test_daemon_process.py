@@ -1,0 +1,184 @@
+"""Whole-daemon acceptance tests: ``refloop run`` as a subprocess, real sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from engine.protocol.mllp import Frame, FrameDecoder, encode
+from tests.e2e.daemon_process import DaemonProcess, upgrade, write_config
+from tests.helpers import REFLOOP, msg, segments, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def stored_control_ids(config) -> set[str]:
+    out = subprocess.run(
+        [str(REFLOOP), "messages", "list", "--json", "--config", str(config)],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
+    return {json.loads(line)["control_id"] for line in out.splitlines()}
+
+
+class Sender(threading.Thread):
+    """A blocking MLLP client that records every control id answered AA."""
+
+    def __init__(self, port: int, tag: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.tag = port, tag
+        self.acked: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                self._loop(sock)
+        except OSError:
+            return
+
+    def _loop(self, sock: socket.socket) -> None:
+        decoder = FrameDecoder()
+        n = 0
+        while not self.stop.is_set():
+            cid = f"{self.tag}-{n}"
+            sock.sendall(encode(msg(cid)))
+            frames: list[bytes] = []
+            while not frames:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                frames = [e.payload for e in decoder.feed(data) if isinstance(e, Frame)]
+            msa = segments(frames[0])["MSA"]
+            if msa[1] == "AA" and msa[2] == cid:
+                self.acked.append(cid)
+            n += 1
+
+
+def test_kill_9_loses_no_acknowledged_message(tmp_path, database_url):
+    config, port, http_port = write_config(tmp_path, database_url)
+    upgrade(config)
+    daemon = DaemonProcess(config, http_port).start()
+    try:
+        senders = [Sender(port, f"K{i}") for i in range(4)]
+        for s in senders:
+            s.start()
+        wait_until(lambda: sum(len(s.acked) for s in senders) >= 300)
+        daemon.kill()  # SIGKILL: no shutdown code runs
+        for s in senders:
+            s.stop.set()
+            s.join(10)
+        acked = {cid for s in senders for cid in s.acked}
+        restarted = DaemonProcess(config, http_port).start()
+        try:
+            stored = stored_control_ids(config)
+        finally:
+            assert restarted.terminate() == 0
+    finally:
+        daemon.stop_quietly()
+    assert len(acked) >= 300
+    assert acked <= stored, f"{len(acked - stored)} acknowledged messages are missing"
+
+
+def test_sigterm_finishes_in_flight_messages_and_exits_cleanly(tmp_path, sqlite_url):
+    config, port, http_port = write_config(tmp_path, sqlite_url)
+    daemon = DaemonProcess(config, http_port).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"".join(encode(msg(f"T{i}")) for i in range(50)))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(15)
+        decoder = FrameDecoder()
+        answered: list[str] = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for e in decoder.feed(data):
+                if isinstance(e, Frame):
+                    answered.append(segments(e.payload)["MSA"][2])
+        sock.close()
+        code = daemon.proc.wait(60)
+    finally:
+        daemon.stop_quietly()
+    assert code == 0
+    # Whatever was answered was stored; the rest was never read, so the sender keeps it.
+    assert set(answered) <= stored_control_ids(config)
+    assert answered == [f"T{i}" for i in range(len(answered))]
+    assert '"event": "daemon.stopped"' in daemon.logs()
+
+
+def test_no_phi_in_any_log_line(tmp_path, sqlite_url):
+    name, mrn, dob = "ZZPHISURNAME", "MRNPHI4242", "19010203"
+    body = f"PID|1||{mrn}^^^HOSP^MR||{name}^QUUXGIVEN||{dob}|F\rORC|NW|PLC9\r"
+    config, port, http_port = write_config(tmp_path, sqlite_url)
+    daemon = DaemonProcess(config, http_port, log_level="debug").start()
+    try:
+        files = []
+        for i, payload in enumerate(
+            [
+                msg("PHI1", body=body),
+                msg("PHI1", body=body),  # duplicate
+                msg("PHI2", body=body).replace(b"PID|", b"PID|\xff", 1),  # undecodable
+                msg("PHI3", mtype="ZZZ^Z99", body=body),  # unknown type
+                body.encode(),  # no MSH at all
+                msg("PHI4", body=body, charset="NOT-A-CHARSET"),
+            ]
+        ):
+            f = tmp_path / f"m{i}.hl7"
+            f.write_bytes(payload)
+            files.append(str(f))
+        for f in files:
+            subprocess.run(
+                [str(REFLOOP), "send", f, "--port", str(port)], capture_output=True, check=False
+            )
+        wait_until(lambda: len(stored_control_ids(config)) >= 5)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.stop_quietly()
+    lines = daemon.logs().splitlines()
+    assert any('"mllp.message.stored"' in line for line in lines)
+    assert any('"mllp.message.refused"' in line for line in lines)
+    for line in lines:
+        for secret in (name, mrn, dob, "QUUXGIVEN"):
+            assert secret not in line, f"PHI {secret!r} leaked into a log line"
+
+
+def test_run_refuses_an_outdated_schema_and_names_the_fix(tmp_path, postgres_url):
+    config, _, _ = write_config(tmp_path, postgres_url)
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(REFLOOP), "run", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "refloop db upgrade" in result.stderr
+    assert time.monotonic() - started < 30
+    upgrade = subprocess.run(
+        [str(REFLOOP), "db", "upgrade", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "upgraded" in upgrade.stdout
+
+
+def test_embedded_sqlite_upgrades_itself_unless_told_not_to(tmp_path):
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    config, _, http_port = write_config(tmp_path, url)
+    text = config.read_text().replace("[database]\n", "[database]\nauto_upgrade = false\n")
+    config.write_text(text)
+    refused = subprocess.run(
+        [str(REFLOOP), "run", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0
+    assert "refloop db upgrade" in refused.stderr
+    config.write_text(text.replace("auto_upgrade = false\n", ""))
+    daemon = DaemonProcess(config, http_port).start()
+    assert daemon.terminate() == 0
+    assert '"event": "db.upgraded"' in daemon.logs()
