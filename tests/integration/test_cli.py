@@ -1,0 +1,141 @@
+"""The refloop command line: config check, db upgrade, messages list/show, send."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from engine.edges.cli import main as cli
+from tests.conftest import running
+from tests.helpers import make_config, msg
+
+
+def write_toml(path: Path, url: str, extra: str = "") -> Path:
+    path.write_text(
+        f'[database]\nurl = "{url}"\n\n[[mllp.listeners]]\nname = "main"\nport = 2575\n{extra}'
+    )
+    return path
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_config_check_accepts_the_shipped_engine_toml():
+    result = invoke("config", "check", str(Path(__file__).parents[2] / "engine.toml"))
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.output
+    assert "default:2575" in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("port = 99999\n", "mllp.listeners[0].port"),
+        ('allowed_cidrs = ["10.0.0.0/33"]\n', "mllp.listeners[0].allowed_cidrs"),
+        ("bogus = 1\n", "mllp.listeners[0].bogus"),
+        ('timezone = "Mars/Olympus"\n', "mllp.listeners[0].timezone"),
+        ('ack_mode = "sometimes"\n', "mllp.listeners[0].ack_mode"),
+    ],
+)
+def test_config_errors_name_the_file_and_key_path(tmp_path, extra, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        f'[[mllp.listeners]]\nname = "main"\nport = 2575\n{extra}'.replace(
+            "port = 2575\nport = 99999", "port = 99999"
+        )
+    )
+    result = invoke("config", "check", str(path))
+    assert result.exit_code == 1
+    assert f"{path}: {expected}" in result.output
+
+
+def test_config_check_honours_refloop_config_and_refuses_inline_passwords(tmp_path):
+    path = write_toml(tmp_path / "env.toml", "postgresql://u:secret@db/refloop")
+    result = invoke("config", "check", env={"REFLOOP_CONFIG": str(path)})
+    assert result.exit_code == 1
+    assert "database.url" in result.output
+    assert "secret" not in result.output
+    missing = invoke("config", "check", str(tmp_path / "nope.toml"))
+    assert missing.exit_code == 1
+    assert "no such config file" in missing.output
+
+
+def test_db_upgrade_and_run_share_refloop_database_url(tmp_path):
+    config = write_toml(tmp_path / "c.toml", "sqlite:///unused.db")
+    url = f"sqlite:///{tmp_path}/from-env.db"
+    result = invoke("db", "upgrade", "--config", str(config), env={"REFLOOP_DATABASE_URL": url})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "from-env.db").exists()
+    assert not (tmp_path / "unused.db").exists()
+
+
+async def test_messages_list_show_and_send(tmp_path, upgraded_url):
+    config_file = write_toml(tmp_path / "c.toml", upgraded_url)
+    batch = tmp_path / "batch.hl7"
+    batch.write_bytes(msg("L1") + b"\n" + msg("L2", mtype="ADT^A08") + b"\n\n" + b"garbage\r")
+    async with running(make_config(upgraded_url)) as d:
+        port = str(d.listeners[0].port)
+        sent = await asyncio.to_thread(invoke, "send", str(batch), "--port", port)
+    assert sent.exit_code == 1  # one of the three was rejected
+    # The in-process daemon logs to the same captured stdout; keep only send's lines.
+    lines = [x for x in sent.output.splitlines() if x.startswith("batch.hl7:")]
+    assert lines[0] == "batch.hl7: L1 AA"
+    assert lines[1] == "batch.hl7: L2 AA"
+    assert lines[2].startswith("batch.hl7: - AR no MSH segment")
+
+    listed = invoke("messages", "list", "--json", "--config", str(config_file))
+    rows = [json.loads(line) for line in listed.output.splitlines()]
+    assert [r["control_id"] for r in rows] == ["L1", "L2", None]
+    for row in rows:
+        assert {"id", "listener", "control_id", "message_type", "status", "received_at"} <= set(row)
+    by_status = invoke(
+        "messages", "list", "--json", "--status", "rejected", "--config", str(config_file)
+    )
+    assert [json.loads(x)["status"] for x in by_status.output.splitlines()] == ["rejected"]
+    by_type = invoke("messages", "list", "--json", "--type", "ADT", "--config", str(config_file))
+    assert [json.loads(x)["control_id"] for x in by_type.output.splitlines()] == ["L2"]
+    limited = invoke("messages", "list", "--json", "--limit", "1", "--config", str(config_file))
+    assert len(limited.output.splitlines()) == 1
+    future = invoke(
+        "messages", "list", "--json", "--since", "2999-01-01", "--config", str(config_file)
+    )
+    assert future.output == ""
+    recent = invoke("messages", "list", "--since", "1h", "--config", str(config_file))
+    assert "L1" in recent.output
+    assert "L2" in recent.output
+
+    shown = invoke("messages", "show", str(rows[2]["id"]), "--config", str(config_file))
+    assert shown.exit_code == 0
+    assert "rejected" in shown.output
+    assert "100: no MSH segment" in shown.output
+    assert "garbage" in shown.output
+    shown_json = json.loads(
+        invoke(
+            "messages", "show", str(rows[0]["id"]), "--json", "--config", str(config_file)
+        ).output
+    )
+    assert shown_json["segments"][0].startswith("MSH|")
+    assert "MSA|AA|L1" in shown_json["ack"]
+    absent = invoke("messages", "show", "999999", "--config", str(config_file))
+    assert absent.exit_code == 1
+    assert "no message with id 999999" in absent.output
+
+
+def test_messages_list_on_an_unmigrated_database_names_the_fix(tmp_path):
+    config_file = write_toml(tmp_path / "c.toml", f"sqlite:///{tmp_path}/empty.db")
+    result = invoke("messages", "list", "--config", str(config_file))
+    assert result.exit_code == 1
+    assert "refloop db upgrade" in result.output
+
+
+def test_send_to_a_closed_port_fails_cleanly(tmp_path):
+    f = tmp_path / "m.hl7"
+    f.write_bytes(msg("X"))
+    result = invoke("send", str(f), "--port", "1", "--timeout", "2")
+    assert result.exit_code == 1
+    assert "could not talk to 127.0.0.1:1" in result.output
