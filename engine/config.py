@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 import zoneinfo
 from collections.abc import Mapping
@@ -60,7 +61,8 @@ class DatabaseConfig(_Frozen):
             url = make_url(value)
         except ArgumentError as exc:
             raise ValueError(f"not a database URL: {exc}") from None
-        if url.password:
+        # psycopg also takes ?password=..., which must not slip past the rule.
+        if url.password or "password" in url.query:
             raise ValueError(
                 "the URL holds a password; put it in env REFLOOP_DATABASE_URL or name it "
                 "with [database.password] env = ... or file = ..."
@@ -116,12 +118,28 @@ class ListenerConfig(_Frozen):
     @field_validator("default_charset")
     @classmethod
     def _charset(cls, value: str) -> str:
-        import codecs
-
         try:
-            codecs.lookup(value)
+            # str.encode takes text encodings only: "hex" or "rot13" pass codecs.lookup,
+            # but bytes.decode raises LookupError on them and intake would crash.
+            ascii_compatible = "MSH|^~\\&".encode(value) == b"MSH|^~\\&"
         except LookupError:
             raise ValueError(f"{value!r} is not a character set Python knows") from None
+        if not ascii_compatible:
+            raise ValueError(
+                f"{value!r} is not ASCII-compatible; HL7 v2 over MLLP needs a charset "
+                "like utf-8, latin-1 or cp1252"
+            )
+        return value
+
+    @field_validator("message_types")
+    @classmethod
+    def _message_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Compared with MSH-9.1 as sent, so "orm" would silently refuse every ORM.
+        bad = [t for t in value if not re.fullmatch(r"[A-Z0-9]{3}", t)]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))}: message types are 3 capitals like ORM or SIU"
+            )
         return value
 
     @field_validator("timezone")

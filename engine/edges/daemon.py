@@ -170,11 +170,7 @@ class Daemon:
         # 3. stop HTTP; 4. commit what is queued and close the database.
         for listener in self.listeners:
             await listener.stop_accepting()
-        for listener in self.listeners:
-            try:
-                await listener.drain(DRAIN_SECONDS)
-            except TimeoutError:
-                log.error("daemon.drain.timeout", listener=listener.cfg.name)
+        await asyncio.gather(*(x.drain(DRAIN_SECONDS) for x in self.listeners))
         if self.http is not None:
             self.http.should_exit = True
         if http_task is not None:

@@ -39,6 +39,7 @@ from engine.services.writer import GroupCommitWriter, StorageUnavailable
 log = get_logger("refloop.mllp")
 
 _HIGH_WATER_FRAMES = 32
+_HANGUP_GRACE_SECONDS = 2.0
 _OUTCOME_LABEL = {Outcome.ACCEPT: "accepted", Outcome.ERROR: "error", Outcome.REJECT: "rejected"}
 
 
@@ -160,15 +161,31 @@ class MllpListener:
             self.server.close()
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - one bound for all
-        """Finish every frame already received (ACKs included), then close."""
+        """Finish every frame already received (ACKs included), then close.
+
+        Frames still in the kernel's buffer were never received: they are not ACKed,
+        so the sender keeps them and resends to the next instance. Each connection is
+        half-closed after its last ACK and given a moment to hang up itself, because
+        closing a socket with unread input makes the kernel send a reset, which can
+        destroy ACKs the peer has not read yet.
+        """
         conns = list(self.connections)
         for conn in conns:
             conn.stop_reading()
-        waits = [c.idle.wait() for c in conns]
-        if waits:
-            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(c.idle.wait() for c in conns))
+        except TimeoutError:
+            log.error("mllp.drain.timeout", listener=self.cfg.name, connections=len(conns))
         for conn in conns:
-            conn.close()
+            conn.finish()
+        try:
+            async with asyncio.timeout(_HANGUP_GRACE_SECONDS):
+                await asyncio.gather(*(c.gone.wait() for c in conns))
+        except TimeoutError:
+            pass
+        for conn in conns:
+            conn.abort()
         if self.server is not None:
             await self.server.wait_closed()
 
@@ -203,6 +220,8 @@ class MllpConnection(asyncio.Protocol):
         self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+        self.gone = asyncio.Event()
+        self.finishing = False
         self.task: asyncio.Task[None] | None = None
         self.closing = False
         self.reading = True
@@ -241,6 +260,8 @@ class MllpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        if self.finishing:
+            return  # shutting down: not received, not ACKed; the sender will resend
         lst = self.listener
         for event in self.decoder.feed(data):
             if isinstance(event, Junk):
@@ -259,6 +280,7 @@ class MllpConnection(asyncio.Protocol):
             if isinstance(event, Junk):
                 self._junk(event)
         self.closing = True
+        self.gone.set()
         self.wakeup.set()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
@@ -384,6 +406,23 @@ class MllpConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def finish(self) -> None:
+        """Half-close after the last ACK and read (and drop) until the peer hangs up."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self.finishing = True
+        if t.can_write_eof():
+            t.write_eof()
+            t.resume_reading()
+            self.reading = True
+        else:
+            t.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.gone.is_set():
+            self.transport.abort()
 
 
 def _ack_id() -> str:

@@ -11,7 +11,7 @@ after splitting the MSH line on it, ``parts[n - 1]`` is MSH-n for n >= 2.
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 #: HL7 table 0211 (MSH-18 character set) → Python codec. Vendor spellings seen in the
 #: wild (``UTF-8``, ``WINDOWS-1252``) are accepted too: refusing them helps nobody.
@@ -115,6 +115,22 @@ class Header:
         """Either MSH-15 or MSH-16 valued means enhanced acknowledgement mode."""
         return bool(self.accept_ack_type or self.application_ack_type)
 
+    def recoded(self, codec: str) -> Header:
+        """This header re-read with the message's own codec.
+
+        :func:`parse_header` reads MSH as latin-1 (so it never fails); once MSH-18 or the
+        listener default names the real codec, a non-ASCII name such as a UTF-8 sending
+        facility must be re-read with it, or the ACK echoes and the stored row get mojibake.
+        Returns ``self`` unchanged when a field does not decode on its own.
+        """
+        try:
+            values = {
+                f.name: getattr(self, f.name).encode("latin-1").decode(codec) for f in fields(self)
+            }
+        except (UnicodeError, LookupError):
+            return self
+        return replace(self, **values)
+
 
 def _first_segment(payload: bytes) -> tuple[bytes, str]:
     cr = payload.find(b"\r")
@@ -130,7 +146,8 @@ def _first_segment(payload: bytes) -> tuple[bytes, str]:
 
 def parse_header(payload: bytes, *, strict_terminators: bool = False) -> Header:
     """Read MSH from a raw payload or raise :class:`HeaderError` saying why not."""
-    body = payload.lstrip(b"\r\n\t ")
+    # Windows senders sometimes prefix a UTF-8 byte order mark; it is not content.
+    body = payload.removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n\t ")
     if not body.startswith(b"MSH"):
         if b"MSH" in body[:512]:
             raise HeaderError(100, "message does not start with an MSH segment", field="MSH")

@@ -21,7 +21,9 @@ The decoder has three states:
   partial payload is reported as junk and a new frame starts.
 * ``DISCARDING`` — the frame grew past ``max_frame_bytes``. We keep a bounded prefix
   (so the header can still be read for the NAK), drop the rest, and report
-  :class:`Oversize` once the frame ends; the listener then NAKs and closes.
+  :class:`Oversize` once the frame ends; the listener then NAKs and closes. A VT here
+  abandons the frame exactly as in ``INSIDE``, so the events never depend on where
+  the reads happened to split the stream.
 
 FS not followed by CR is kept as payload: it is not an end of block.
 """
@@ -159,7 +161,9 @@ class FrameDecoder:
             self._flush_junk(events, "abandoned_frame")
             return restart + 1
         stop = end if end >= 0 else len(data)
-        if len(self._buf) + (stop - pos) > self._max:
+        # A trailing FS may be the first half of the end block: not payload yet.
+        tail_fs = 1 if end < 0 and data[-1] == FS else 0
+        if len(self._buf) + (stop - pos) - tail_fs > self._max:
             self._size = len(self._buf) + (stop - pos)
             keep = max(0, OVERSIZE_PREFIX_BYTES - len(self._buf))
             self._buf += data[pos : min(stop, pos + keep)]
@@ -185,6 +189,14 @@ class FrameDecoder:
             self._size -= 1  # that FS was the end of block, not payload
             return self._finish_oversize(events, pos + 1)
         end = data.find(END, pos)
+        restart = data.find(START, pos, end if end >= 0 else len(data))
+        if restart >= 0:
+            # As in INSIDE: the sender abandoned this (oversize) frame and began another.
+            self._junk += self._size + (restart - pos)
+            self._reset()
+            self._state = _State.INSIDE
+            self._flush_junk(events, "abandoned_frame")
+            return restart + 1
         stop = end if end >= 0 else len(data)
         room = OVERSIZE_PREFIX_BYTES - len(self._buf)
         if room > 0:

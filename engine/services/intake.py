@@ -31,6 +31,13 @@ MESSAGE_TYPES = frozenset(
     ).split()
 )
 _TRIGGER = re.compile(r"^[A-Z0-9]{3}$")
+_LOCAL_TYPE = re.compile(r"^Z[A-Z0-9]{2}$")
+
+
+def known_message_type(code: str) -> bool:
+    """In table 0076, or a site-defined Z type (which the standard reserves for local use)."""
+    return code in MESSAGE_TYPES or bool(_LOCAL_TYPE.match(code))
+
 
 Status = Literal["received", "duplicate", "rejected", "error"]
 AckMode = Literal["auto", "original", "enhanced"]
@@ -66,7 +73,7 @@ class Intake:
     def type_label(self) -> str:
         """A bounded metric label: ``ORM^O01``, or ``invalid``."""
         h = self.header
-        if h is None or h.message_code not in MESSAGE_TYPES:
+        if h is None or not known_message_type(h.message_code):
             return "invalid"
         trigger = h.trigger_event
         if not trigger:
@@ -91,17 +98,25 @@ def assess(payload: bytes, policy: Policy) -> Intake:
         codec = codec_for(header.charset, policy.default_charset)
     except HeaderError as exc:
         return _refused(header, Outcome.ERROR, exc, digest, "latin-1")
+    undecodable: HeaderError | None = None
+    try:
+        decode(payload, codec)
+    except HeaderError as exc:
+        # The header stays latin-1 text; answering in latin-1 echoes its bytes unchanged.
+        undecodable, codec = exc, "latin-1"
+    else:
+        header = header.recoded(codec)
     code = header.message_code
-    if code not in MESSAGE_TYPES:
-        err = HeaderError(200, "MSH-9.1 is not a message type in HL7 table 0076", field="MSH-9")
+    if not known_message_type(code):
+        err = HeaderError(
+            200, "MSH-9.1 is not a message type in HL7 table 0076 (or a local Zxx)", field="MSH-9"
+        )
         return _refused(header, Outcome.REJECT, err, digest, codec)
     if policy.message_types and code not in policy.message_types:
         err = HeaderError(200, f"this listener does not accept {code} messages", field="MSH-9")
         return _refused(header, Outcome.REJECT, err, digest, codec)
-    try:
-        decode(payload, codec)
-    except HeaderError as exc:
-        return _refused(header, Outcome.ERROR, exc, digest, codec)
+    if undecodable is not None:
+        return _refused(header, Outcome.ERROR, undecodable, digest, codec)
     return Intake(
         header=header,
         outcome=Outcome.ACCEPT,

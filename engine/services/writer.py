@@ -17,6 +17,7 @@ exception and its listener answers a reject: the sender keeps the message and re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine.logs import get_logger
@@ -67,6 +68,7 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pending = 0
+        self._conn: Connection | None = None
 
     @property
     def depth(self) -> int:
@@ -100,38 +102,51 @@ class GroupCommitWriter:
 
     def _run(self) -> None:
         stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            batch: list[_Pending] = [item]
-            while len(batch) < self._max_batch:
+        try:
+            while not stopping:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                batch: list[_Pending] = [item]
+                while len(batch) < self._max_batch:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stopping = True
+                        break
+                    batch.append(nxt)
+                self._commit_and_answer(batch)
+            # Anything queued after the stop marker still gets its commit.
+            rest: list[_Pending] = []
+            while True:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            self._commit(batch)
-        # Anything queued after the stop marker still gets its commit.
-        rest: list[_Pending] = []
-        while True:
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is not _STOP:
-                rest.append(nxt)
-        if rest:
-            self._commit(rest)
+                if nxt is not _STOP:
+                    rest.append(nxt)
+            if rest:
+                self._commit_and_answer(rest)
+        finally:
+            self._disconnect()
+
+    def _commit_and_answer(self, batch: list[_Pending]) -> None:
+        self._commit(batch)
+        # One wake-up of the event loop per batch, not one per message.
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        for p in batch:
+            by_loop.setdefault(p.loop, []).append(p)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, [(p.future, p.result) for p in items])
 
     def _commit(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
             self._write(batch)
         except SQLAlchemyError as exc:
+            self._disconnect()
             self._metrics.db_errors.inc()
             if len(batch) > 1:
                 log.warning("ingest.commit.batch_failed", size=len(batch), error=type(exc).__name__)
@@ -143,12 +158,24 @@ class GroupCommitWriter:
         else:
             self._metrics.db_commit.observe(time.perf_counter() - started)
             self._metrics.db_batch.observe(len(batch))
-        for p in batch:
-            p.loop.call_soon_threadsafe(_resolve, p.future, p.result)
+
+    def _connection(self) -> Connection:
+        # The writer keeps one connection: a pool checkout (and its liveness ping) per
+        # batch would cost a round trip on every commit. It reconnects after any error.
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._conn.close()
+            self._conn = None
 
     def _write(self, batch: list[_Pending]) -> None:
         keys = [p.row["dedup_key"] for p in batch if p.row["dedup_key"]]
-        with self._engine.begin() as conn:
+        conn = self._connection()
+        with conn.begin():
             originals: dict[str, Original] = {}
             if keys:
                 oldest = min(p.row["received_at"] - p.window for p in batch)
@@ -215,12 +242,15 @@ def _safe(exc: SQLAlchemyError) -> str:
     return lines[0][:200] if lines else type(orig).__name__
 
 
-def _resolve(fut: asyncio.Future[Stored], result: Stored | BaseException | None) -> None:
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    elif result is None:
-        fut.set_exception(StorageUnavailable("not committed"))
-    else:
-        fut.set_result(result)
+def _resolve_all(
+    results: list[tuple[asyncio.Future[Stored], Stored | BaseException | None]],
+) -> None:
+    for fut, result in results:
+        if fut.done():
+            continue
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        elif result is None:
+            fut.set_exception(StorageUnavailable("not committed"))
+        else:
+            fut.set_result(result)

@@ -126,7 +126,7 @@ def test_no_phi_in_any_log_line(tmp_path, sqlite_url):
                 msg("PHI1", body=body),
                 msg("PHI1", body=body),  # duplicate
                 msg("PHI2", body=body).replace(b"PID|", b"PID|\xff", 1),  # undecodable
-                msg("PHI3", mtype="ZZZ^Z99", body=body),  # unknown type
+                msg("PHI3", mtype="QQQ^Q99", body=body),  # unknown type
                 body.encode(),  # no MSH at all
                 msg("PHI4", body=body, charset="NOT-A-CHARSET"),
             ]

@@ -24,9 +24,7 @@ def corpus_messages() -> list[tuple[str, bytes]]:
 
 
 @pytest.mark.skipif(not FILES, reason="shared/corpus/hl7v2 is not beside the repo")
-async def test_every_corpus_message_is_answered_and_stored_byte_for_byte(
-    config_for, upgraded_url
-):
+async def test_every_corpus_message_is_answered_and_stored_byte_for_byte(config_for, upgraded_url):
     sent = corpus_messages()
     assert len(sent) >= len(FILES)
     answers: dict[str, tuple[str, str]] = {}

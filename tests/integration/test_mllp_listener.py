@@ -193,7 +193,7 @@ async def test_unparseable_frame_gets_ar_with_reason_and_is_stored(config_for, u
 async def test_unknown_message_type_gets_ar_200(config_for, upgraded_url):
     async with running(config_for()) as d:
         peer = await RawMllp.connect(d.listeners[0].port)
-        ack = await peer.send(msg("WEIRD", mtype="ZZZ^Z01"))
+        ack = await peer.send(msg("WEIRD", mtype="QQQ^Q01"))
         await peer.close()
     seg = segments(ack)
     assert seg["MSA"][1:3] == ["AR", "WEIRD"]
