@@ -37,11 +37,17 @@ class SecretRef(_Frozen):
     env: str | None = None
     file: Path | None = None
 
-    def read(self) -> str | None:
+    def read(self, base: Path = Path()) -> str | None:
+        """The secret, or None when neither source holds it. Relative files are relative
+        to ``base`` (the config file's folder)."""
         if self.env and os.environ.get(self.env):
             return os.environ[self.env]
         if self.file:
-            return self.file.read_text().strip()
+            path = self.file if self.file.is_absolute() else base / self.file
+            try:
+                return path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
         return None
 
 
@@ -178,8 +184,6 @@ class LoggingConfig(_Frozen):
 class IngestConfig(_Frozen):
     # Group commit: at most this many messages share one transaction.
     max_batch: int = Field(default=256, ge=1, le=10_000)
-    # Messages waiting for the writer before listeners push back on senders.
-    queue_limit: int = Field(default=4096, ge=1)
 
 
 class Config(_Frozen):
@@ -196,7 +200,7 @@ class Config(_Frozen):
         if env_url:
             return env_url
         url = make_url(self.database.url)
-        secret = self.database.password.read() if self.database.password else None
+        secret = self.database.password.read(self.source.parent) if self.database.password else None
         if secret:
             url = url.set(password=secret)
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
@@ -207,7 +211,42 @@ class Config(_Frozen):
         return url.render_as_string(hide_password=False)
 
     def resolve(self, path: Path) -> Path:
+        """Relative paths in the config are relative to the config file's folder."""
         return path if path.is_absolute() else (self.source.parent / path)
+
+    def file_problems(self) -> list[str]:
+        """Files the config names that cannot be used: ``file: key.path: problem``."""
+        problems: list[str] = []
+
+        def need(key: str, path: Path | None) -> None:
+            if path is not None and not self.resolve(path).is_file():
+                problems.append(f"{self.source}: {key}: {self.resolve(path)} does not exist")
+
+        for i, listener in enumerate(self.mllp.listeners):
+            if listener.tls is None:
+                continue
+            key = f"mllp.listeners[{i}].tls"
+            need(f"{key}.cert_file", listener.tls.cert_file)
+            need(f"{key}.key_file", listener.tls.key_file)
+            need(f"{key}.client_ca_file", listener.tls.client_ca_file)
+            if listener.tls.key_password is not None:
+                need(f"{key}.key_password.file", listener.tls.key_password.file)
+        if self.database.password is not None and not os.environ.get("REFLOOP_DATABASE_URL"):
+            ref = self.database.password
+            if not (ref.env and os.environ.get(ref.env)):
+                need("database.password.file", ref.file)
+        token = self.logging.token_key
+        if not (token.env and os.environ.get(token.env)) and token.file is not None:
+            path = self.resolve(token.file)
+            folder = path.parent
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            if not path.exists() and not os.access(folder, os.W_OK):
+                problems.append(
+                    f"{self.source}: logging.token_key.file: {path} does not exist and "
+                    f"{folder} is not writable; create it or set env {token.env or '...'}"
+                )
+        return problems
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:

@@ -47,7 +47,13 @@ def _load(config_file: Path | None) -> Config:
 def _setup_logging(config: Config, *, level: str | None = None) -> None:
     key_ref = config.logging.token_key
     key_file = config.resolve(key_ref.file) if key_ref.file else None
-    key = load_token_key(key_ref.env, key_file)
+    try:
+        key = load_token_key(key_ref.env, key_file)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot create the log token key {key_file}: {exc.strerror}; create it "
+            f"or set env {key_ref.env or 'REFLOOP_LOG_TOKEN_KEY'}"
+        ) from None
     configure(
         level=level or config.logging.level,
         fmt=config.logging.format,
@@ -98,10 +104,13 @@ def run(
     from engine.store.database import SchemaError
 
     config = with_overrides(_load(config_file), mllp_port=mllp_port, http_port=http_port)
+    problems = config.file_problems()
+    if problems:
+        raise click.ClickException("\n".join(problems))
     _setup_logging(config, level=log_level)
     try:
         asyncio.run(Daemon(config).run())
-    except (StartupError, SchemaError) as exc:
+    except (StartupError, SchemaError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc.strerror or exc}") from None
@@ -168,6 +177,9 @@ def config_check(file: Path | None, config_file: Path | None) -> None:
     """Validate a config file (FILE, else --config, else REFLOOP_CONFIG, else ./engine.toml)."""
     path = config_path(file or config_file)
     config = _load(path)
+    problems = config.file_problems()
+    if problems:
+        raise click.ClickException("\n".join(problems))
     names = ", ".join(f"{x.name}:{x.port}" for x in config.mllp.listeners) or "none"
     click.echo(f"{path}: ok (listeners: {names}; http: {config.http.host}:{config.http.port})")
 

@@ -104,7 +104,9 @@ class Daemon:
         http_task: asyncio.Task[None] | None = None
         try:
             for lcfg in self.config.mllp.listeners:
-                listener = MllpListener(lcfg, self.writer, self.metrics)
+                listener = MllpListener(
+                    lcfg, self.writer, self.metrics, base_dir=self.config.source.parent
+                )
                 await listener.start()
                 self.listeners.append(listener)
             http_task = await self._start_http()

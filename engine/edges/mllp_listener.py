@@ -17,9 +17,10 @@ import uuid
 import zoneinfo
 from collections import deque
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from engine.config import ListenerConfig
+from engine.config import ConfigError, ListenerConfig
 from engine.logs import get_logger
 from engine.metrics import Metrics
 from engine.protocol.ack import Outcome
@@ -56,19 +57,30 @@ def policy_from(cfg: ListenerConfig) -> Policy:
     )
 
 
-def tls_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
+def tls_context(cfg: ListenerConfig, base: Path = Path()) -> ssl.SSLContext | None:
+    """The server TLS context; relative file names are relative to ``base``."""
     tls = cfg.tls
     if tls is None:
         return None
+
+    def where(path: Path) -> str:
+        return str(path if path.is_absolute() else base / path)
+
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     )
-    password = tls.key_password.read() if tls.key_password else None
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=password)
-    if tls.client_ca_file is not None:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+    password = tls.key_password.read(base) if tls.key_password else None
+    try:
+        ctx.load_cert_chain(where(tls.cert_file), where(tls.key_file), password=password)
+        if tls.client_ca_file is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=where(tls.client_ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"listener {cfg.name}: cannot load TLS files ({getattr(exc, 'reason', None) or exc}); "
+            "check cert_file, key_file, client_ca_file and key_password"
+        ) from None
     return ctx
 
 
@@ -80,8 +92,10 @@ class MllpListener:
         metrics: Metrics,
         *,
         clock: Any = None,
+        base_dir: Path = Path(),
     ) -> None:
         self.cfg = cfg
+        self.base_dir = base_dir
         self.policy = policy_from(cfg)
         self.writer = writer
         self.metrics = metrics
@@ -99,7 +113,7 @@ class MllpListener:
             lambda: MllpConnection(self),
             host=self.cfg.host,
             port=self.cfg.port,
-            ssl=self._watch_tls_handshakes(tls_context(self.cfg)),
+            ssl=self._watch_tls_handshakes(tls_context(self.cfg, self.base_dir)),
             reuse_address=True,
             backlog=512,
             ssl_handshake_timeout=10.0 if self.cfg.tls else None,

@@ -18,7 +18,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+import migrations
+
+# The Alembic scripts ship as the top-level ``migrations`` package, so an installed
+# refloop (wheel, container) finds them as well as a source checkout does.
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 
 
 class SchemaError(Exception):

@@ -139,3 +139,17 @@ def test_send_to_a_closed_port_fails_cleanly(tmp_path):
     result = invoke("send", str(f), "--port", "1", "--timeout", "2")
     assert result.exit_code == 1
     assert "could not talk to 127.0.0.1:1" in result.output
+
+
+def test_config_check_names_missing_tls_files_by_key_path(tmp_path):
+    path = write_toml(
+        tmp_path / "tls.toml",
+        f"sqlite:///{tmp_path}/x.db",
+        '[mllp.listeners.tls]\ncert_file = "certs/server.crt"\nkey_file = "/nonexistent/key.pem"\n',
+    )
+    result = invoke("config", "check", str(path))
+    assert result.exit_code == 1
+    assert f"mllp.listeners[0].tls.cert_file: {tmp_path}/certs/server.crt does not exist" in (
+        result.output
+    )
+    assert "mllp.listeners[0].tls.key_file: /nonexistent/key.pem does not exist" in result.output

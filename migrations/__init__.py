@@ -1,0 +1,1 @@
+"""Alembic migrations for the refloop schema (SQLite and PostgreSQL)."""
