@@ -73,7 +73,7 @@ class DatabaseConfig(_Frozen):
                 "the URL holds a password; put it in env REFLOOP_DATABASE_URL or name it "
                 "with [database.password] env = ... or file = ..."
             )
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
+        if url.drivername != "postgres" and url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("only sqlite:/// and postgresql:// URLs are supported")
         return value
 

@@ -35,6 +35,8 @@ def is_sqlite(url: str) -> bool:
 
 def open_engine(url: str, *, pool_size: int = 5, sqlite_synchronous: str = "FULL") -> Engine:
     sa_url = make_url(url)
+    if sa_url.drivername == "postgres":  # Heroku-style URLs; SQLAlchemy wants postgresql
+        sa_url = sa_url.set(drivername="postgresql")
     if sa_url.get_backend_name() == "postgresql" and sa_url.drivername == "postgresql":
         sa_url = sa_url.set(drivername="postgresql+psycopg")
     if sa_url.get_backend_name() == "sqlite":
