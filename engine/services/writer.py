@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine
+from sqlalchemy.pool import PoolProxiedConnection
 
 from engine.logs import get_logger
 from engine.metrics import Metrics
-from engine.store.messages import Original, find_originals, insert_messages
+from engine.store.ingest import IngestStore
 
 log = get_logger("refloop.ingest")
 
@@ -68,7 +68,8 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pending = 0
-        self._conn: Connection | None = None
+        self._raw: PoolProxiedConnection | None = None
+        self._ingest: IngestStore | None = None
 
     @property
     def depth(self) -> int:
@@ -145,7 +146,7 @@ class GroupCommitWriter:
         started = time.perf_counter()
         try:
             self._write(batch)
-        except SQLAlchemyError as exc:
+        except Exception as exc:  # driver errors too: the writer thread must never die
             self._disconnect()
             self._metrics.db_errors.inc()
             if len(batch) > 1:
@@ -159,82 +160,28 @@ class GroupCommitWriter:
             self._metrics.db_commit.observe(time.perf_counter() - started)
             self._metrics.db_batch.observe(len(batch))
 
-    def _connection(self) -> Connection:
+    def _store(self) -> IngestStore:
         # The writer keeps one connection: a pool checkout (and its liveness ping) per
         # batch would cost a round trip on every commit. It reconnects after any error.
-        if self._conn is None:
-            self._conn = self._engine.connect()
-        return self._conn
+        if self._ingest is None:
+            self._raw = self._engine.raw_connection()
+            self._ingest = IngestStore(self._raw.driver_connection, self._engine.dialect.name)
+        return self._ingest
 
     def _disconnect(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(SQLAlchemyError):
-                self._conn.close()
-            self._conn = None
+        if self._raw is not None:
+            with contextlib.suppress(Exception):
+                self._raw.invalidate()
+        self._raw = None
+        self._ingest = None
 
     def _write(self, batch: list[_Pending]) -> None:
-        keys = [p.row["dedup_key"] for p in batch if p.row["dedup_key"]]
-        conn = self._connection()
-        with conn.begin():
-            originals: dict[str, Original] = {}
-            if keys:
-                oldest = min(p.row["received_at"] - p.window for p in batch)
-                originals = find_originals(conn, keys, oldest)
-            firsts: list[_Pending] = []
-            repeats: list[tuple[_Pending, _Pending | Original]] = []
-            seen: dict[str, _Pending] = {}
-            for p in batch:
-                key = p.row["dedup_key"]
-                orig = originals.get(key) if key else None
-                if orig is not None and orig.received_at >= p.row["received_at"] - p.window:
-                    repeats.append((p, orig))
-                elif key and key in seen:
-                    repeats.append((p, seen[key]))
-                else:
-                    if key:
-                        seen[key] = p
-                    firsts.append(p)
-            ids = insert_messages(conn, [p.row for p in firsts])
-            for p, new_id in zip(firsts, ids, strict=True):
-                p.result = Stored(new_id)
-            if repeats:
-                rows = []
-                for p, first in repeats:
-                    if isinstance(first, Original):
-                        orig_id, orig_ack, orig_sha = first.id, first.ack, first.payload_sha256
-                    else:
-                        assert isinstance(first.result, Stored)
-                        orig_id, orig_ack = first.result.message_id, first.row["ack"]
-                        orig_sha = first.row["payload_sha256"]
-                    row = dict(p.row)
-                    row.update(
-                        status="duplicate",
-                        dedup_key=None,
-                        duplicate_of=orig_id,
-                        ack=orig_ack,
-                        ack_code=_ack_code(orig_ack),
-                    )
-                    if orig_sha != row["payload_sha256"]:
-                        row["error"] = (
-                            f"same sender and MSH-10 as message {orig_id} but different content"
-                        )
-                    rows.append(row)
-                    p.row = row
-                dup_ids = insert_messages(conn, rows)
-                for (p, _orig), new_id in zip(repeats, dup_ids, strict=True):
-                    p.result = Stored(new_id, p.row["duplicate_of"], p.row["ack"])
+        written = self._store().write([p.row for p in batch], [p.window for p in batch])
+        for p, w in zip(batch, written, strict=True):
+            p.result = Stored(w.message_id, w.duplicate_of, w.ack)
 
 
-def _ack_code(ack: bytes | None) -> str | None:
-    if not ack:
-        return None
-    for segment in ack.split(b"\r"):
-        if segment.startswith(b"MSA"):
-            return segment[4:6].decode("ascii", "replace")
-    return None
-
-
-def _safe(exc: SQLAlchemyError) -> str:
+def _safe(exc: Exception) -> str:
     # Driver messages can quote parameters (message content) in later lines; keep only
     # the first line of the driver's error, which names the failure, not the data.
     orig = getattr(exc, "orig", None) or exc

@@ -1,60 +1,17 @@
-"""Queries over the ``messages`` table: the writer's batch insert and dedup lookup, and
-what the message browser reads."""
+"""Queries over the ``messages`` table that the message browser and tools read.
+
+The ingest writer's batch insert lives in :mod:`engine.store.ingest`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, select
 
 from engine.store.schema import messages
-
-
-@dataclass(frozen=True, slots=True)
-class Original:
-    """What a duplicate needs from the message it repeats."""
-
-    id: int
-    received_at: datetime
-    ack: bytes | None
-    payload_sha256: str
-
-
-def find_originals(conn: Connection, keys: Iterable[str], since: datetime) -> dict[str, Original]:
-    """Accepted messages with these dedup keys received at or after ``since``."""
-    wanted = list(set(keys))
-    if not wanted:
-        return {}
-    rows = conn.execute(
-        select(
-            messages.c.id,
-            messages.c.received_at,
-            messages.c.dedup_key,
-            messages.c.ack,
-            messages.c.payload_sha256,
-        )
-        .where(messages.c.dedup_key.in_(wanted), messages.c.received_at >= since)
-        .order_by(messages.c.id)
-    )
-    found: dict[str, Original] = {}
-    for row in rows:
-        found.setdefault(
-            row.dedup_key, Original(row.id, row.received_at, row.ack, row.payload_sha256)
-        )
-    return found
-
-
-def insert_messages(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
-    """Insert rows in order and return their ids in the same order."""
-    if not rows:
-        return []
-    result = conn.execute(
-        insert(messages).returning(messages.c.id, sort_by_parameter_order=True), list(rows)
-    )
-    return [row.id for row in result]
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -83,7 +84,14 @@ messages = Table(
     Column("error_code", Integer(), nullable=True),
     Column("error", Text(), nullable=True),
     Column("duplicate_of", Id, nullable=True),
-    Index(None, "dedup_key", "received_at"),
+    # Accepted messages only; resends are recognised by colliding here (engine/store/ingest.py).
+    Index(
+        "uq_messages_dedup_key",
+        "dedup_key",
+        unique=True,
+        sqlite_where=text("dedup_key IS NOT NULL"),
+        postgresql_where=text("dedup_key IS NOT NULL"),
+    ),
     Index(None, "status", "id"),
     Index(None, "received_at"),
 )

@@ -316,3 +316,22 @@ async def test_many_connections_at_once_all_stored_before_ack(config_for, upgrad
     acked = {segments(a)["MSA"][2] for acks in results for a in acks}
     assert len(acked) == 80
     assert {r.control_id for r in rows(upgraded_url)} == acked
+
+
+async def test_the_same_message_from_many_connections_at_once_is_stored_once(
+    config_for, upgraded_url
+):
+    async with running(config_for()) as d:
+        port = d.listeners[0].port
+        peers = [await RawMllp.connect(port) for _ in range(8)]
+        for p in peers:
+            await p.send_raw(encode(msg("RACE")))
+        acks = [await p.read_frame() for p in peers]
+        for p in peers:
+            await p.close()
+    assert len(set(acks)) == 1  # everyone got the original's ACK, byte for byte
+    stored = rows(upgraded_url)
+    originals = [r for r in stored if r.status == "received"]
+    assert len(originals) == 1
+    assert sorted(r.status for r in stored) == ["duplicate"] * 7 + ["received"]
+    assert {r.duplicate_of for r in stored if r.status == "duplicate"} == {originals[0].id}
