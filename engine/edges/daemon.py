@@ -97,8 +97,9 @@ class Daemon:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._on_signal, sig)
         self.engine = await asyncio.to_thread(prepare_database, self.config)
+        lanes = self.config.ingest.writers or (1 if self.engine.dialect.name == "sqlite" else 2)
         self.writer = GroupCommitWriter(
-            self.engine, self.metrics, max_batch=self.config.ingest.max_batch
+            self.engine, self.metrics, max_batch=self.config.ingest.max_batch, lanes=lanes
         )
         self.writer.start()
         http_task: asyncio.Task[None] | None = None

@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-Listeners run on the event loop; the database driver blocks. A single writer thread
-owns a database connection and drains a queue of pending messages: everything that is
-waiting when it wakes (up to ``max_batch``) goes into ONE transaction — look up
-duplicates, insert every row, commit — and only then are the listeners' futures
-resolved, so no ACK can precede its commit. Under load, batches grow by themselves and
+Listeners run on the event loop; the database driver blocks. Writer threads, each with
+its own database connection, drain a queue of pending messages: everything that is
+waiting when one wakes (up to ``max_batch``) goes into ONE transaction (see
+:mod:`engine.store.ingest`) and only then are the listeners' futures resolved, so no
+ACK can precede its commit. Under load, batches grow by themselves and
 one fsync covers many messages; when idle, a lone message commits immediately.
 
 If a batch fails, each message is retried alone, so one poisonous row cannot turn its
@@ -60,32 +60,73 @@ class StorageUnavailable(Exception):
     """The message could not be committed; it was not stored."""
 
 
+class _Lane:
+    """One writer thread's database connection, opened lazily, dropped after any error.
+
+    A lane keeps its connection: a pool checkout (and its liveness ping) per batch
+    would cost a round trip on every commit.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._raw: PoolProxiedConnection | None = None
+        self._store: IngestStore | None = None
+
+    def store(self) -> IngestStore:
+        if self._store is None:
+            self._raw = self._engine.raw_connection()
+            self._store = IngestStore(self._raw.driver_connection, self._engine.dialect.name)
+        return self._store
+
+    def drop(self) -> None:
+        if self._raw is not None:
+            with contextlib.suppress(Exception):
+                self._raw.invalidate()
+        self._raw = None
+        self._store = None
+
+
 class GroupCommitWriter:
-    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int = 256) -> None:
+    """``lanes`` writer threads drain one queue. On PostgreSQL more than one lane lets a
+    batch be built and sent while another waits for its commit to reach disk; SQLite
+    has a single write lock, so it gets one lane. Messages from one MLLP connection are
+    sequential (each waits for its ACK), so lanes never reorder a connection's stream.
+    """
+
+    def __init__(
+        self, engine: Engine, metrics: Metrics, *, max_batch: int = 256, lanes: int = 1
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
         self._max_batch = max_batch
+        self._lanes = max(1, lanes)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._pending = 0
-        self._raw: PoolProxiedConnection | None = None
-        self._ingest: IngestStore | None = None
 
     @property
     def depth(self) -> int:
         return self._pending
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="refloop-writer", daemon=True)
-        self._thread.start()
+        for n in range(self._lanes):
+            thread = threading.Thread(
+                target=self._run,
+                args=(_Lane(self._engine),),
+                name=f"refloop-writer-{n}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Commit everything already queued, then stop the thread."""
-        if self._thread is None:
-            return
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        self._thread = None
+        """Commit everything already queued, then stop the threads."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = []
 
     async def store(self, row: dict[str, Any], window: timedelta) -> Stored:
         loop = asyncio.get_running_loop()
@@ -99,9 +140,9 @@ class GroupCommitWriter:
             self._pending -= 1
             self._metrics.queue_depth.set(self._pending)
 
-    # -- the writer thread -----------------------------------------------------------
+    # -- the writer threads ----------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, lane: _Lane) -> None:
         stopping = False
         try:
             while not stopping:
@@ -118,23 +159,29 @@ class GroupCommitWriter:
                         stopping = True
                         break
                     batch.append(nxt)
-                self._commit_and_answer(batch)
-            # Anything queued after the stop marker still gets its commit.
+                self._commit_and_answer(lane, batch)
+            # Anything queued after the stop marker still gets its commit. Other lanes'
+            # stop markers go back in the queue for them.
             rest: list[_Pending] = []
+            markers = 0
             while True:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is not _STOP:
+                if nxt is _STOP:
+                    markers += 1
+                else:
                     rest.append(nxt)
+            for _ in range(markers):
+                self._queue.put(_STOP)
             if rest:
-                self._commit_and_answer(rest)
+                self._commit_and_answer(lane, rest)
         finally:
-            self._disconnect()
+            lane.drop()
 
-    def _commit_and_answer(self, batch: list[_Pending]) -> None:
-        self._commit(batch)
+    def _commit_and_answer(self, lane: _Lane, batch: list[_Pending]) -> None:
+        self._commit(lane, batch)
         # One wake-up of the event loop per batch, not one per message.
         by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         for p in batch:
@@ -142,43 +189,25 @@ class GroupCommitWriter:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_resolve_all, [(p.future, p.result) for p in items])
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, lane: _Lane, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
-            self._write(batch)
-        except Exception as exc:  # driver errors too: the writer thread must never die
-            self._disconnect()
+            written = lane.store().write([p.row for p in batch], [p.window for p in batch])
+        except Exception as exc:  # driver errors too: a writer thread must never die
+            lane.drop()
             self._metrics.db_errors.inc()
             if len(batch) > 1:
                 log.warning("ingest.commit.batch_failed", size=len(batch), error=type(exc).__name__)
                 for one in batch:
-                    self._commit([one])
+                    self._commit(lane, [one])
                 return
             log.error("ingest.commit.failed", error=type(exc).__name__, detail=_safe(exc))
             batch[0].result = StorageUnavailable(type(exc).__name__)
-        else:
-            self._metrics.db_commit.observe(time.perf_counter() - started)
-            self._metrics.db_batch.observe(len(batch))
-
-    def _store(self) -> IngestStore:
-        # The writer keeps one connection: a pool checkout (and its liveness ping) per
-        # batch would cost a round trip on every commit. It reconnects after any error.
-        if self._ingest is None:
-            self._raw = self._engine.raw_connection()
-            self._ingest = IngestStore(self._raw.driver_connection, self._engine.dialect.name)
-        return self._ingest
-
-    def _disconnect(self) -> None:
-        if self._raw is not None:
-            with contextlib.suppress(Exception):
-                self._raw.invalidate()
-        self._raw = None
-        self._ingest = None
-
-    def _write(self, batch: list[_Pending]) -> None:
-        written = self._store().write([p.row for p in batch], [p.window for p in batch])
+            return
         for p, w in zip(batch, written, strict=True):
             p.result = Stored(w.message_id, w.duplicate_of, w.ack)
+        self._metrics.db_commit.observe(time.perf_counter() - started)
+        self._metrics.db_batch.observe(len(batch))
 
 
 def _safe(exc: Exception) -> str:
