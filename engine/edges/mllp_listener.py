@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import ssl
 import time
 import uuid
@@ -439,9 +440,14 @@ class MllpConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+_ACK_PREFIX = uuid.uuid4().hex[:8]
+_ACK_COUNTER = itertools.count(1)
+
+
 def _ack_id() -> str:
-    # 20 characters: MSH-10 is ST(20) up to v2.6.
-    return uuid.uuid4().hex[:20]
+    # Unique per process start (random prefix) and within it (counter); 20 characters,
+    # because MSH-10 is ST(20) up to v2.6.
+    return f"{_ACK_PREFIX}{next(_ACK_COUNTER):012x}"
 
 
 def _log_stored(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
+from functools import lru_cache
 
 from engine.protocol.hl7v2 import Header, escape
 
@@ -65,6 +66,13 @@ def wants_accept_ack(header: Header, outcome: Outcome) -> bool:
 
 def hl7_timestamp(moment: datetime) -> str:
     """``YYYYMMDDHHMMSS+ZZZZ`` (DTM) from an aware datetime."""
+    return _timestamp(moment.replace(microsecond=0))
+
+
+@lru_cache(maxsize=64)
+def _timestamp(moment: datetime) -> str:
+    # Formatting with %z through a ZoneInfo costs more than the rest of an ACK; under
+    # load many ACKs share a second.
     return moment.strftime("%Y%m%d%H%M%S%z")
 
 

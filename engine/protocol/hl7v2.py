@@ -123,10 +123,11 @@ class Header:
         facility must be re-read with it, or the ACK echoes and the stored row get mojibake.
         Returns ``self`` unchanged when a field does not decode on its own.
         """
+        names = [f.name for f in fields(self)]
+        if "".join(getattr(self, n) for n in names).isascii():
+            return self  # the usual case: every codec we accept keeps ASCII as is
         try:
-            values = {
-                f.name: getattr(self, f.name).encode("latin-1").decode(codec) for f in fields(self)
-            }
+            values = {n: getattr(self, n).encode("latin-1").decode(codec) for n in names}
         except (UnicodeError, LookupError):
             return self
         return replace(self, **values)
