@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """``make bench``: refloop on PostgreSQL and on SQLite beside the shared HL7 peers.
 
-Runs /work/shared/bench/run_peers.sh once (it is only invoked, never copied or changed)
+Runs ../shared/bench/run_peers.sh once (it is only invoked, never copied or changed)
 with ``PEERS="hl7-pg simple-hl7 custom custom"``: every ``custom`` start goes through
 bench/refloop_peer.py, which alternates the database variant (refloop-pg on the
 throw-away PostgreSQL run_peers.sh starts, refloop-sqlite on a temp file) and records
@@ -35,7 +35,10 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SHARED = Path(os.environ.get("HL7BENCH_DIR", "/work/shared/bench"))
+# shared/ sits beside the repository (as on every machine and in CI).
+SHARED = Path(
+    os.environ.get("HL7BENCH_DIR", Path(__file__).resolve().parents[2] / "shared" / "bench")
+)
 # run_peers.sh's own default work dir (peers installed once, reused by every run).
 WORK = Path(os.environ.get("HL7BENCH_TMP", "/tmp/hl7bench"))  # noqa: S108
 
