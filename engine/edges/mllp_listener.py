@@ -107,6 +107,7 @@ class MllpListener:
         self.server: asyncio.Server | None = None
         self._label_messages: dict[tuple[str, str], Any] = {}
         metrics.declare_listener(cfg.name)
+        self.ack_latency = metrics.ack_latency.labels(cfg.name)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -207,8 +208,8 @@ class MllpListener:
     def now(self) -> datetime:
         return self.clock()
 
-    def count(self, intake: Intake, outcome: str) -> None:
-        key = (intake.type_label, outcome)
+    def count(self, type_label: str, outcome: str) -> None:
+        key = (type_label, outcome)
         child = self._label_messages.get(key)
         if child is None:
             child = self.metrics.messages.labels(self.cfg.name, key[0], outcome)
@@ -356,6 +357,7 @@ class MllpConnection(asyncio.Protocol):
             size=size,
         )
         outcome = _OUTCOME_LABEL[intake.outcome]
+        label = intake.type_label
         try:
             stored = await lst.writer.store(row, lst.policy.duplicate_window)
         except StorageUnavailable:
@@ -376,11 +378,11 @@ class MllpConnection(asyncio.Protocol):
             if stored.duplicate_of is not None:
                 ack = stored.original_ack
                 outcome = "duplicate"
-            _log_stored(lst.cfg.name, intake, answer, stored.message_id, outcome)
-        lst.count(intake, outcome)
+            _log_stored(lst.cfg.name, intake, label, answer, stored.message_id, outcome)
+        lst.count(label, outcome)
         if ack is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.write(encode(ack))
-        lst.metrics.ack_latency.labels(lst.cfg.name).observe(time.perf_counter() - started)
+        lst.ack_latency.observe(time.perf_counter() - started)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -451,14 +453,14 @@ def _ack_id() -> str:
 
 
 def _log_stored(
-    listener: str, intake: Intake, answer: Answer, message_id: int, outcome: str
+    listener: str, intake: Intake, label: str, answer: Answer, message_id: int, outcome: str
 ) -> None:
     if intake.error is not None:
         log.warning(
             "mllp.message.refused",
             listener=listener,
             message_id=message_id,
-            message_type=intake.type_label,
+            message_type=label,
             ack_code=answer.code,
             error_code=intake.error.code,
             reason=intake.error.reason,
@@ -468,6 +470,6 @@ def _log_stored(
             "mllp.message.stored",
             listener=listener,
             message_id=message_id,
-            message_type=intake.type_label,
+            message_type=label,
             outcome=outcome,
         )

@@ -41,3 +41,29 @@ def test_schema_check_names_the_fix_and_upgrade_is_idempotent(database_url):
         check_schema(eng)
     finally:
         eng.dispose()
+
+
+def test_raw_bodies_are_lz4_compressed_on_postgres_when_the_server_has_it(postgres_url):
+    from sqlalchemy import text
+
+    eng = open_engine(postgres_url)
+    try:
+        upgrade(eng)
+        with eng.connect() as conn:
+            has_lz4 = conn.execute(
+                text(
+                    "SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+                    "WHERE name = 'default_toast_compression'"
+                )
+            ).scalar()
+            methods = set(
+                conn.execute(
+                    text(
+                        "SELECT attcompression FROM pg_attribute "
+                        "WHERE attrelid = 'messages'::regclass AND attname IN ('raw', 'ack')"
+                    )
+                ).scalars()
+            )
+    finally:
+        eng.dispose()
+    assert methods == ({"l"} if has_lz4 else {""})
