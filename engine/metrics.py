@@ -11,8 +11,11 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.exposition import generate_latest
@@ -42,6 +45,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Standard process_* and python_* series (CPU, memory, open fds, GC) for ops.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         Info("refloop_build", "refloop version", registry=r).info({"version": engine.__version__})
         self.messages = Counter(
             MLLP_MESSAGES,

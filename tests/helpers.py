@@ -58,13 +58,20 @@ def msg(
     charset: str = "",
     body: str = "PID|1||12345^^^HOSP^MR||TESTPATIENT^ALPHA\rORC|NW|PLC1\r",
     sender: str = "EHR",
+    facility: str = "CLINIC",
+    timestamp: str = "20261123101500",
+    term: str = "\r",
+    encoding: str = "utf-8",
 ) -> bytes:
-    """A small synthetic HL7 v2 message (synthetic data only)."""
+    """A small synthetic HL7 v2 message (synthetic data only).
+
+    ``body`` is written with CR between segments; ``term`` replaces every CR.
+    """
     msh = (
-        f"MSH|^~\\&|{sender}|CLINIC|REFLOOP|HUB|20261123101500||{mtype}|{control_id}|P|{version}"
-        f"|||{msh15}|{msh16}||{charset}"
+        f"MSH|^~\\&|{sender}|{facility}|REFLOOP|HUB|{timestamp}||{mtype}|{control_id}|P"
+        f"|{version}|||{msh15}|{msh16}||{charset}"
     )
-    return (msh + "\r" + body).encode("utf-8")
+    return (msh + term + body.replace("\r", term)).encode(encoding)
 
 
 async def wait_for(

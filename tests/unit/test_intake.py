@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import hl7
 import pytest
@@ -23,6 +24,7 @@ from engine.services.intake import (
     record,
     storage_failure_ack,
 )
+from tests import helpers
 
 NOW = datetime(2026, 11, 23, 10, 15, 0, tzinfo=UTC)
 POLICY = Policy(listener="test")
@@ -31,26 +33,9 @@ NAME_PARTS = ("ZZTESTNAME", "QUUX")
 PID = "PID|1||12345^^^HOSP^MR||ZZTESTNAME^QUUX||19700101|F"
 
 
-def msg(
-    control_id: str = "CTRL1",
-    *,
-    mtype: str = "ORM^O01^ORM_O01",
-    version: str = "2.5.1",
-    msh15: str = "",
-    msh16: str = "",
-    charset: str = "",
-    sender: str = "EHR",
-    facility: str = "CLINIC",
-    timestamp: str = "20261123101500",
-    body: str = PID + "\rORC|NW|PLC1\r",
-    term: str = "\r",
-    encoding: str = "utf-8",
-) -> bytes:
-    msh = (
-        f"MSH|^~\\&|{sender}|{facility}|REFLOOP|HUB|{timestamp}||{mtype}|{control_id}|P"
-        f"|{version}|||{msh15}|{msh16}||{charset}"
-    )
-    return (msh + term + body.replace("\r", term)).encode(encoding)
+def msg(*args: Any, body: str = PID + "\rORC|NW|PLC1\r", **kw: Any) -> bytes:
+    """tests.helpers.msg, with the distinctive synthetic patient in PID by default."""
+    return helpers.msg(*args, body=body, **kw)
 
 
 def ack_segments(ack: bytes, encoding: str = "latin-1") -> hl7.Message:
