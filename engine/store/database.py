@@ -100,6 +100,14 @@ def check_schema(engine: Engine) -> None:
         return
     if current is None:
         raise SchemaError("the database has no refloop schema yet; run `refloop db upgrade` first")
+    known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current not in known:
+        # A newer refloop migrated this database (a rollback, or mixed versions).
+        raise SchemaError(
+            f"the database schema is at revision {current}, which this refloop (needs {head}) "
+            "does not know: a newer refloop migrated it; run that version, or restore a "
+            "backup taken before its upgrade"
+        )
     raise SchemaError(
         f"the database schema is at revision {current} but this refloop needs {head}; "
         "run `refloop db upgrade`"

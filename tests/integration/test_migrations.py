@@ -67,3 +67,17 @@ def test_raw_bodies_are_lz4_compressed_on_postgres_when_the_server_has_it(postgr
     finally:
         eng.dispose()
     assert methods == ({"l"} if has_lz4 else {""})
+
+
+def test_schema_from_a_newer_refloop_is_refused_with_a_clear_reason(database_url):
+    from sqlalchemy import text
+
+    eng = open_engine(database_url)
+    try:
+        upgrade(eng)
+        with eng.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        with pytest.raises(SchemaError, match="a newer refloop migrated it"):
+            check_schema(eng)
+    finally:
+        eng.dispose()
