@@ -31,6 +31,11 @@ RULES = [
         why="protocol code is the bottom layer: pure, no config, store or runtime",
     ),
     Rule(
+        "engine.domain",
+        allowed_engine=("engine.domain",),
+        why="the domain core is pure: standard library and itself only",
+    ),
+    Rule(
         "engine.services",
         allowed_engine=None,
         forbidden=("engine.edges",),

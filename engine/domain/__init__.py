@@ -1,0 +1,1 @@
+"""The pure domain core: referral states, canonical events, decisions. Standard library only."""

@@ -1,0 +1,115 @@
+"""The referral state machine: table tests and properties over arbitrary event streams."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.domain.referral import BSER, TERMINAL, Event, State, decide
+
+E, S = Event, State
+
+
+def run(*events: Event) -> tuple[State | None, list[str]]:
+    state: State | None = None
+    anomalies = []
+    for event in events:
+        d = decide(state, event)
+        if d.anomaly:
+            anomalies.append(d.anomaly)
+        state = d.state
+    return state, anomalies
+
+
+@pytest.mark.parametrize(
+    ("events", "final"),
+    [
+        ((E.REFERRAL_CREATED,), S.CREATED),
+        ((E.REFERRAL_CREATED, E.AUTHORIZATION_PENDING), S.AUTH_PENDING),
+        ((E.REFERRAL_CREATED, E.AUTHORIZATION_PENDING, E.AUTHORIZATION_APPROVED), S.CREATED),
+        ((E.REFERRAL_CREATED, E.AUTHORIZATION_PENDING, E.AUTHORIZATION_DENIED), S.AUTH_PENDING),
+        ((E.REFERRAL_CREATED, E.REFERRAL_SENT, E.REFERRAL_ACCEPTED), S.ACCEPTED),
+        ((E.REFERRAL_CREATED, E.REFERRAL_SENT, E.REFERRAL_DECLINED), S.DECLINED),
+        ((E.REFERRAL_CREATED, E.APPOINTMENT_BOOKED), S.SCHEDULED),  # skip forward
+        ((E.REFERRAL_CREATED, E.APPOINTMENT_BOOKED, E.APPOINTMENT_NO_SHOW), S.NO_SHOW),
+        (
+            (
+                E.REFERRAL_CREATED,
+                E.APPOINTMENT_BOOKED,
+                E.APPOINTMENT_NO_SHOW,
+                E.APPOINTMENT_RESCHEDULED,
+            ),
+            S.SCHEDULED,
+        ),
+        (
+            (E.REFERRAL_CREATED, E.APPOINTMENT_BOOKED, E.APPOINTMENT_CANCELLED),
+            S.APPOINTMENT_CANCELLED,
+        ),
+        (
+            (
+                E.REFERRAL_CREATED,
+                E.APPOINTMENT_BOOKED,
+                E.APPOINTMENT_COMPLETED,
+                E.CONSULT_NOTE_RECEIVED,
+                E.REFERRAL_CLOSED,
+            ),
+            S.CLOSED,
+        ),
+        ((E.REFERRAL_CREATED, E.CONSULT_NOTE_RECEIVED), S.NOTE_RECEIVED),
+        ((E.REFERRAL_CREATED, E.REFERRAL_CANCELLED), S.CANCELLED),
+        ((E.REFERRAL_CREATED, E.REFERRAL_ACCEPTED, E.REFERRAL_SENT), S.ACCEPTED),  # late receipt
+    ],
+)
+def test_paths_without_anomalies(events, final):
+    state, anomalies = run(*events)
+    assert state == final
+    assert anomalies == []
+
+
+@pytest.mark.parametrize(
+    ("events", "final", "reason"),
+    [
+        ((E.APPOINTMENT_BOOKED,), None, "does not exist"),
+        (
+            (E.REFERRAL_CREATED, E.REFERRAL_CANCELLED, E.APPOINTMENT_BOOKED),
+            S.CANCELLED,
+            "cancelled",
+        ),
+        ((E.REFERRAL_CREATED, E.APPOINTMENT_NO_SHOW), S.CREATED, "no-show"),
+        ((E.REFERRAL_CREATED, E.REFERRAL_CLOSED), S.CREATED, "cannot close"),
+        (
+            (E.REFERRAL_CREATED, E.APPOINTMENT_COMPLETED, E.APPOINTMENT_BOOKED),
+            S.COMPLETED,
+            "cannot move from completed",
+        ),
+        ((E.REFERRAL_CREATED, E.REFERRAL_DECLINED, E.REFERRAL_ACCEPTED), S.DECLINED, "declined"),
+        ((E.REFERRAL_CREATED, E.CONSULT_NOTE_AMENDED), S.CREATED, "no note yet"),
+    ],
+)
+def test_events_out_of_place_are_anomalies_and_change_nothing(events, final, reason):
+    state, anomalies = run(*events)
+    assert state == final
+    assert len(anomalies) == 1
+    assert reason in anomalies[0]
+
+
+def test_every_state_has_a_bser_task_status_and_business_status():
+    assert set(BSER) == set(State)
+    assert BSER[S.SCHEDULED] == ("in-progress", "5.1.1")
+    assert BSER[S.NO_SHOW] == ("in-progress", "5.1.2")
+    assert BSER[S.DECLINED] == ("rejected", "4.0")
+
+
+@given(st.lists(st.sampled_from(list(Event)), max_size=40))
+def test_any_event_stream_is_decided_without_raising(events):
+    state: State | None = None
+    for event in events:
+        d = decide(state, event)
+        if d.anomaly:
+            assert d.state == state  # anomalies never move a referral
+            assert not d.changed
+        if state in TERMINAL and d.state != state:
+            # the only way out of a terminal state is closing after... nothing: never
+            raise AssertionError(f"{state} -> {d.state} on {event}")
+        state = d.state
