@@ -105,7 +105,7 @@ def build_ack(
         header.sending_facility if header else "",
         hl7_timestamp(now),
         "",
-        f"ACK{comp}{trigger}{comp}ACK" if trigger else "ACK",
+        _ack_type(trigger, comp, version),
         control_id,
         header.processing_id if header and header.processing_id else "P",
         version,
@@ -116,7 +116,8 @@ def build_ack(
     if header and header.charset:
         msh += [""] * (17 - len(msh)) + [header.charset]
     msa = ["MSA", code, header.control_id if header else ""]
-    if error is not None:
+    if error is not None and _version(version) < (2, 7):
+        # MSA-3 (text message) was withdrawn in v2.7; from then on ERR-8 alone says why.
         msa.append(escape(error.reason, fs, enc))
     segments = [fs.join(msh), fs.join(msa)]
     if error is not None:
@@ -129,7 +130,7 @@ def _err_segment(error: AckError, version: str, fs: str, enc: str, comp: str, su
     name = ERROR_CODES.get(error.code, "Application error")
     reason = escape(error.reason, fs, enc)
     seg, _, field = error.field.partition("-")
-    if _older_than_25(version):
+    if _version(version) < (2, 5):
         # v2.1 to 2.4: ERR-1 is ELD — segment ^ sequence ^ field ^ code&text&table.
         location = f"{seg}{comp}1{comp}{field}{comp}" if seg else f"{comp}{comp}{comp}"
         return fs.join(["ERR", f"{location}{error.code}{sub}{name}{sub}HL70357"])
@@ -139,9 +140,19 @@ def _err_segment(error: AckError, version: str, fs: str, enc: str, comp: str, su
     )
 
 
-def _older_than_25(version: str) -> bool:
+def _ack_type(trigger: str, comp: str, version: str) -> str:
+    if not trigger:
+        return "ACK"
+    # MSH-9.3 (message structure) exists from v2.3.1 on; earlier MSH-9 has two parts.
+    if _version(version) < (2, 3, 1):
+        return f"ACK{comp}{trigger}"
+    return f"ACK{comp}{trigger}{comp}ACK"
+
+
+def _version(version: str) -> tuple[int, ...]:
+    """``2.5.1`` → (2, 5, 1); anything unreadable counts as 2.5.1, the common default."""
     try:
-        major, minor, *_ = (int(p) for p in version.split("."))
+        parts = tuple(int(p) for p in version.strip().split("."))
     except ValueError:
-        return False
-    return (major, minor) < (2, 5)
+        return (2, 5, 1)
+    return parts if len(parts) >= 2 else (2, 5, 1)

@@ -340,3 +340,27 @@ def test_ack_is_encoded_with_the_message_codec() -> None:
 )
 def test_hl7_timestamp(moment: datetime, expected: str) -> None:
     assert hl7_timestamp(moment) == expected
+
+
+@pytest.mark.parametrize(
+    ("version", "msh9", "msa_fields"),
+    [
+        ("2.2", "ACK^O01", 4),
+        ("2.3", "ACK^O01", 4),
+        ("2.3.1", "ACK^O01^ACK", 4),
+        ("2.6", "ACK^O01^ACK", 4),
+        ("2.7", "ACK^O01^ACK", 3),  # MSA-3 withdrawn in v2.7: the reason is in ERR-8 only
+        ("2.8", "ACK^O01^ACK", 3),
+    ],
+)
+def test_version_specific_ack_shape(version: str, msh9: str, msa_fields: int) -> None:
+    ack = build_ack(
+        header(version=version),
+        "AR",
+        control_id="A1",
+        now=NOW,
+        error=AckError(200, "unsupported"),
+    ).decode()
+    segs = {s.split("|")[0]: s.split("|") for s in ack.split("\r") if s}
+    assert segs["MSH"][8] == msh9
+    assert len(segs["MSA"]) == msa_fields
