@@ -72,6 +72,11 @@ class _Lane:
         self._raw: PoolProxiedConnection | None = None
         self._store: IngestStore | None = None
 
+    @property
+    def connected(self) -> bool:
+        """True when the next batch reuses a connection opened for an earlier one."""
+        return self._store is not None
+
     def store(self) -> IngestStore:
         if self._store is None:
             self._raw = self._engine.raw_connection()
@@ -189,17 +194,25 @@ class GroupCommitWriter:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_resolve_all, [(p.future, p.result) for p in items])
 
-    def _commit(self, lane: _Lane, batch: list[_Pending]) -> None:
+    def _commit(self, lane: _Lane, batch: list[_Pending], *, fresh: bool = False) -> None:
         started = time.perf_counter()
+        reused = lane.connected
         try:
             written = lane.store().write([p.row for p in batch], [p.window for p in batch])
         except Exception as exc:  # driver errors too: a writer thread must never die
             lane.drop()
             self._metrics.db_errors.inc()
+            if reused and not fresh:
+                # The server may have dropped an idle connection (restart, failover): try
+                # once more on a new one before answering a reject. A commit that did land
+                # before the error is caught by the duplicate check.
+                log.warning("ingest.commit.reconnecting", error=type(exc).__name__)
+                self._commit(lane, batch, fresh=True)
+                return
             if len(batch) > 1:
                 log.warning("ingest.commit.batch_failed", size=len(batch), error=type(exc).__name__)
                 for one in batch:
-                    self._commit(lane, [one])
+                    self._commit(lane, [one], fresh=True)
                 return
             log.error("ingest.commit.failed", error=type(exc).__name__, detail=_safe(exc))
             batch[0].result = StorageUnavailable(type(exc).__name__)
