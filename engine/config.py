@@ -6,6 +6,7 @@ or a file); :func:`load_config` refuses a database URL that embeds a password.
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import os
 import re
@@ -18,6 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from engine.protocol.hl7v2 import ascii_compatible
 
 DEFAULT_CONFIG = "engine.toml"
 DEFAULT_DATABASE_URL = "sqlite:///var/refloop.db"
@@ -125,12 +128,10 @@ class ListenerConfig(_Frozen):
     @classmethod
     def _charset(cls, value: str) -> str:
         try:
-            # str.encode takes text encodings only: "hex" or "rot13" pass codecs.lookup,
-            # but bytes.decode raises LookupError on them and intake would crash.
-            ascii_compatible = "MSH|^~\\&".encode(value) == b"MSH|^~\\&"
+            codecs.lookup(value)
         except LookupError:
             raise ValueError(f"{value!r} is not a character set Python knows") from None
-        if not ascii_compatible:
+        if not ascii_compatible(value):
             raise ValueError(
                 f"{value!r} is not ASCII-compatible; HL7 v2 over MLLP needs a charset "
                 "like utf-8, latin-1 or cp1252"

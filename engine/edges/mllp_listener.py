@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import itertools
 import ssl
 import time
-import uuid
 import zoneinfo
 from collections import deque
 from datetime import UTC, datetime, timedelta
@@ -24,7 +22,7 @@ from typing import Any
 from engine.config import ConfigError, ListenerConfig
 from engine.logs import get_logger
 from engine.metrics import Metrics
-from engine.protocol.ack import Outcome
+from engine.protocol.ack import Outcome, next_control_id
 from engine.protocol.mllp import Frame, FrameDecoder, Junk, Oversize, encode
 from engine.services.intake import (
     Answer,
@@ -238,6 +236,7 @@ class MllpConnection(asyncio.Protocol):
         self.idle.set()
         self.gone = asyncio.Event()
         self.finishing = False
+        self.draining = False
         self.task: asyncio.Task[None] | None = None
         self.closing = False
         self.reading = True
@@ -319,7 +318,12 @@ class MllpConnection(asyncio.Protocol):
                 await self.wakeup.wait()
                 continue
             item = self.frames.popleft()
-            if not self.reading and len(self.frames) < _HIGH_WATER_FRAMES // 2 and self.transport:
+            if (
+                not self.reading
+                and not self.draining
+                and len(self.frames) < _HIGH_WATER_FRAMES // 2
+                and self.transport
+            ):
                 self.reading = True
                 self.transport.resume_reading()
             try:
@@ -343,7 +347,7 @@ class MllpConnection(asyncio.Protocol):
         answer = ack_for(
             intake,
             lst.policy.ack_mode,
-            control_id=_ack_id(),
+            control_id=next_control_id(),
             now=received_at.astimezone(lst.tz),
             honour_accept_ack_type=lst.policy.honour_accept_ack_type,
         )
@@ -364,23 +368,33 @@ class MllpConnection(asyncio.Protocol):
             ack: bytes | None = storage_failure_ack(
                 intake,
                 lst.policy.ack_mode,
-                control_id=_ack_id(),
+                control_id=next_control_id(),
                 now=received_at.astimezone(lst.tz),
             )
             outcome = "storage_error"
-            log.error(
-                "mllp.message.not_stored",
-                listener=lst.cfg.name,
-                control_id=intake.header.control_id if intake.header else None,
-            )
+            log.error("mllp.message.not_stored", listener=lst.cfg.name, message_type=label)
         else:
             ack = answer.ack
-            if stored.duplicate_of is not None:
-                ack = stored.original_ack
+            if stored.conflict_with is not None:
+                ack = stored.ack
+                outcome = "rejected"
+                log.warning(
+                    "ingest.duplicate.conflict",
+                    listener=lst.cfg.name,
+                    message_id=stored.message_id,
+                    original_id=stored.conflict_with,
+                )
+            elif stored.duplicate_of is not None:
+                ack = stored.ack
                 outcome = "duplicate"
             _log_stored(lst.cfg.name, intake, label, answer, stored.message_id, outcome)
         lst.count(label, outcome)
-        if ack is not None and self.transport is not None and not self.transport.is_closing():
+        if (
+            ack is not None
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and not self.finishing  # half-closed after the drain timed out: no more writes
+        ):
             self.transport.write(encode(ack))
         lst.ack_latency.observe(time.perf_counter() - started)
 
@@ -416,6 +430,7 @@ class MllpConnection(asyncio.Protocol):
         self.idle_timer = loop.call_at(loop.time() + max(timeout - quiet, 0.05), self._check_idle)
 
     def stop_reading(self) -> None:
+        self.draining = True  # and stays so: flow control must not resume reading now
         if self.transport is not None and self.reading and not self.transport.is_closing():
             self.transport.pause_reading()
             self.reading = False
@@ -440,16 +455,6 @@ class MllpConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.gone.is_set():
             self.transport.abort()
-
-
-_ACK_PREFIX = uuid.uuid4().hex[:8]
-_ACK_COUNTER = itertools.count(1)
-
-
-def _ack_id() -> str:
-    # Unique per process start (random prefix) and within it (counter); 20 characters,
-    # because MSH-10 is ST(20) up to v2.6.
-    return f"{_ACK_PREFIX}{next(_ACK_COUNTER):012x}"
 
 
 def _log_stored(

@@ -8,6 +8,8 @@ message content, so a NAK cannot leak PHI to a peer or into a log.
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -46,6 +48,17 @@ class AckError:
     code: int  # table 0357
     reason: str
     field: str = ""  # e.g. "MSH-18", for ERR-2 (error location)
+    application_code: str = ""  # ERR-5 from table 0533, e.g. "102^Duplicate key identifier"
+
+
+_ID_PREFIX = uuid.uuid4().hex[:8]
+_ID_COUNTER = itertools.count(1)
+
+
+def next_control_id() -> str:
+    """A control id for an ACK we send: unique per process start (random prefix) and
+    within it (counter); 20 characters, because MSH-10 is ST(20) up to v2.6."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 def ack_code(outcome: Outcome, *, enhanced: bool) -> str:
@@ -135,8 +148,9 @@ def _err_segment(error: AckError, version: str, fs: str, enc: str, comp: str, su
         location = f"{seg}{comp}1{comp}{field}{comp}" if seg else f"{comp}{comp}{comp}"
         return fs.join(["ERR", f"{location}{error.code}{sub}{name}{sub}HL70357"])
     location = f"{seg}{comp}1{comp}{field}" if seg else ""
+    app = f"{error.application_code}{comp}HL70533" if error.application_code else ""
     return fs.join(
-        ["ERR", "", location, f"{error.code}{comp}{name}{comp}HL70357", "E", "", "", "", reason]
+        ["ERR", "", location, f"{error.code}{comp}{name}{comp}HL70357", "E", app, "", "", reason]
     )
 
 

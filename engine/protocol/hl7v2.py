@@ -43,8 +43,6 @@ CHARSETS: dict[str, str] = {
     "8859/15": "iso8859-15",
     "UNICODE": "utf-8",
     "UNICODE UTF-8": "utf-8",
-    "UNICODE UTF-16": "utf-16",
-    "UNICODE UTF-32": "utf-32",
     "UTF-8": "utf-8",
     "GB 18030-2000": "gb18030",
     "KS X 1001": "euc_kr",
@@ -214,22 +212,38 @@ def _valid_encoding_chars(chars: str, field_sep: str) -> bool:
     return not any(c.isalnum() or c in " \t\r\n" for c in chars)
 
 
+def ascii_compatible(codec: str) -> bool:
+    """True for a text codec that writes the HL7 delimiters and MLLP framing as ASCII.
+
+    ``str.encode`` accepts text encodings only: ``hex`` or ``rot13`` pass
+    ``codecs.lookup`` but could never decode a message.
+    """
+    try:
+        return "MSH|^~\\&\x0b\x1c\r".encode(codec) == b"MSH|^~\\&\x0b\x1c\r"
+    except LookupError:
+        return False
+
+
 def codec_for(charset: str, default: str) -> str:
     """Python codec for MSH-18 (or the listener default when MSH-18 is empty).
 
-    Raises :class:`HeaderError` (code 103, table value not found) for an unknown
-    MSH-18 value.
+    Table 0211 names first, then vendor spellings Python knows (``ISO-8859-1``,
+    ``windows-1252``). Raises :class:`HeaderError` 103 for a name neither knows, or
+    for an encoding that cannot travel over MLLP (UTF-16/32: frame bytes collide).
     """
-    if not charset.strip():
+    name = charset.strip()
+    if not name:
         return default
-    name = CHARSETS.get(charset.strip().upper())
-    if name is None:
-        raise HeaderError(
-            103,
-            "MSH-18 names a character set refloop does not know (HL7 table 0211)",
-            field="MSH-18",
-        )
-    return name
+    codec = CHARSETS.get(name.upper())
+    if codec is not None:
+        return codec
+    if ascii_compatible(name):
+        return codecs.lookup(name).name
+    if "16" in name or "32" in name:
+        reason = "MSH-18 names UTF-16/UTF-32, which cannot be carried over MLLP; send UTF-8"
+    else:
+        reason = "MSH-18 names a character set refloop does not know (HL7 table 0211)"
+    raise HeaderError(103, reason, field="MSH-18")
 
 
 def decode(payload: bytes, codec: str) -> str:

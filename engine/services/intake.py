@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -225,6 +225,18 @@ def storage_failure_ack(intake: Intake, mode: AckMode, *, control_id: str, now: 
     )
 
 
+_HEADER_TEXT = (
+    "message_type",
+    "control_id",
+    "sending_application",
+    "sending_facility",
+    "receiving_application",
+    "receiving_facility",
+    "version",
+    "charset",
+)
+
+
 def record(
     intake: Intake,
     *,
@@ -237,6 +249,20 @@ def record(
 ) -> dict[str, Any]:
     """The ``messages`` row for this frame."""
     h = intake.header
+    if h is not None and "\x00" in "".join(
+        (
+            h.message_type,
+            h.control_id,
+            h.sending_application,
+            h.sending_facility,
+            h.receiving_application,
+            h.receiving_facility,
+            h.version,
+            h.charset,
+        )
+    ):
+        # PostgreSQL text cannot hold NUL; the raw bytes (bytea) keep it untouched.
+        h = replace(h, **{k: getattr(h, k).replace("\x00", "\ufffd") for k in _HEADER_TEXT})
     return {
         "received_at": received_at,
         "listener": listener,
@@ -260,4 +286,70 @@ def record(
         "error_code": intake.error.code if intake.error else None,
         "error": intake.error.reason if intake.error else None,
         "duplicate_of": None,
+    }
+
+
+def same_content(a: bytes, b: bytes) -> bool:
+    """Equal except MSH-7 (senders that resend after a lost ACK may restamp it)."""
+    return _without_msh7(a) == _without_msh7(b)
+
+
+def _without_msh7(payload: bytes) -> bytes:
+    body = payload.removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n\t ")
+    end = len(body)
+    for terminator in (b"\r", b"\n"):
+        pos = body.find(terminator)
+        if 0 <= pos < end:
+            end = pos
+    line, rest = body[:end], body[end:]
+    if len(line) < 4:
+        return body
+    parts = line.split(line[3:4])
+    if len(parts) > 6:
+        parts[6] = b""
+    return line[3:4].join(parts) + rest.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+
+
+def conflict_answer(
+    row: dict[str, Any], original_raw: bytes, original_id: int, *, control_id: str
+) -> dict[str, Any] | None:
+    """Row updates for a resend whose content differs from the message it repeats.
+
+    Same sender and MSH-10 but other content is not a duplicate: it is rejected (AR/CR
+    207, ERR-5 0533^102 duplicate key) so the sender's team hears about it, and stored
+    so nothing is lost. Returns None when it is a genuine duplicate.
+    """
+    if same_content(row["raw"], original_raw):
+        return None
+    try:
+        header: Header | None = parse_header(row["raw"])
+    except HeaderError:
+        header = None
+    enhanced = row["ack_code"] in ("CA", "CE", "CR") or bool(header and header.enhanced_mode)
+    code = ack_code(Outcome.REJECT, enhanced=enhanced)
+    error = AckError(
+        207,
+        f"MSH-10 was already used by this sender for message {original_id} with different "
+        "content; send new messages with new control ids",
+        field="MSH-10",
+        application_code="102^Duplicate key identifier",
+    )
+    try:
+        codec = codec_for(header.charset if header else "", "utf-8")
+    except HeaderError:
+        codec = "latin-1"
+    nak = build_ack(
+        header,
+        code,
+        control_id=control_id,
+        now=row["received_at"],
+        error=error,
+        charset_codec=codec,
+    )
+    return {
+        "status": "rejected",
+        "ack": nak,
+        "ack_code": code,
+        "error_code": error.code,
+        "error": error.reason,
     }

@@ -30,7 +30,9 @@ from sqlalchemy.pool import PoolProxiedConnection
 
 from engine.logs import get_logger
 from engine.metrics import Metrics
-from engine.store.ingest import IngestStore
+from engine.protocol.ack import next_control_id
+from engine.services.intake import conflict_answer
+from engine.store.ingest import ConflictCheck, IngestStore
 
 log = get_logger("refloop.ingest")
 
@@ -41,7 +43,8 @@ class Stored:
 
     message_id: int
     duplicate_of: int | None = None
-    original_ack: bytes | None = None
+    ack: bytes | None = None  # replaces the prepared ACK: the original's, or a conflict NAK
+    conflict_with: int | None = None
 
 
 @dataclass(slots=True)
@@ -67,8 +70,9 @@ class _Lane:
     would cost a round trip on every commit.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, conflict: ConflictCheck | None = None) -> None:
         self._engine = engine
+        self._conflict = conflict
         self._raw: PoolProxiedConnection | None = None
         self._store: IngestStore | None = None
 
@@ -80,7 +84,9 @@ class _Lane:
     def store(self) -> IngestStore:
         if self._store is None:
             self._raw = self._engine.raw_connection()
-            self._store = IngestStore(self._raw.driver_connection, self._engine.dialect.name)
+            self._store = IngestStore(
+                self._raw.driver_connection, self._engine.dialect.name, self._conflict
+            )
         return self._store
 
     def drop(self) -> None:
@@ -117,7 +123,7 @@ class GroupCommitWriter:
         for n in range(self._lanes):
             thread = threading.Thread(
                 target=self._run,
-                args=(_Lane(self._engine),),
+                args=(_Lane(self._engine, _conflict_check),),
                 name=f"refloop-writer-{n}",
                 daemon=True,
             )
@@ -218,7 +224,7 @@ class GroupCommitWriter:
             batch[0].result = StorageUnavailable(type(exc).__name__)
             return
         for p, w in zip(batch, written, strict=True):
-            p.result = Stored(w.message_id, w.duplicate_of, w.ack)
+            p.result = Stored(w.message_id, w.duplicate_of, w.ack, w.conflict_with)
         self._metrics.db_commit.observe(time.perf_counter() - started)
         self._metrics.db_batch.observe(len(batch))
 
@@ -243,3 +249,7 @@ def _resolve_all(
             fut.set_exception(StorageUnavailable("not committed"))
         else:
             fut.set_result(result)
+
+
+def _conflict_check(row: dict[str, Any], original_raw: bytes, original_id: int) -> Any:
+    return conflict_answer(row, original_raw, original_id, control_id=next_control_id())

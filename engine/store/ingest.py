@@ -23,7 +23,7 @@ cache) cost more than the commit itself. Column order is the table's, and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,7 +42,8 @@ class Written:
 
     message_id: int
     duplicate_of: int | None = None
-    ack: bytes | None = None  # for a duplicate: the original's ACK, to send again
+    ack: bytes | None = None  # for a duplicate: the original's ACK; for a conflict: the NAK
+    conflict_with: int | None = None  # same key, different content: rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +54,18 @@ class _Original:
     payload_sha256: str
 
 
+#: (row, original raw, original id) -> row updates when the resend is a conflict, else None.
+ConflictCheck = Callable[[dict[str, Any], bytes, int], dict[str, Any] | None]
+
+
 class IngestStore:
     """Writes batches on one DBAPI connection (psycopg 3 or sqlite3)."""
 
-    def __init__(self, dbapi_connection: Any, dialect: str) -> None:
+    def __init__(
+        self, dbapi_connection: Any, dialect: str, conflict: ConflictCheck | None = None
+    ) -> None:
         self.conn = dbapi_connection
+        self._conflict = conflict
         self.sqlite = dialect == "sqlite"
         mark = "?" if self.sqlite else "%s"
         cols = ", ".join(COLUMNS)
@@ -68,7 +76,8 @@ class IngestStore:
             "ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id"
         )
         self._original = (
-            f"SELECT id, received_at, ack, payload_sha256 FROM messages WHERE dedup_key = {mark}"
+            "SELECT id, received_at, ack, payload_sha256, raw FROM messages "
+            f"WHERE dedup_key = {mark}"
         )
         self._release_key = f"UPDATE messages SET dedup_key = NULL WHERE id = {mark}"
 
@@ -126,6 +135,11 @@ class IngestStore:
             int(found[0]), self._time(found[1]), bytes(found[2]) if found[2] else None, found[3]
         )
         if original.received_at >= row["received_at"] - window:
+            updates = self._conflict(row, bytes(found[4]), original.id) if self._conflict else None
+            if updates is not None:
+                row.update(updates, dedup_key=None, duplicate_of=original.id)
+                cur.execute(self._insert, self._params(row))
+                return Written(int(cur.fetchone()[0]), None, row["ack"], original.id)
             row.update(
                 status="duplicate",
                 dedup_key=None,
@@ -134,9 +148,7 @@ class IngestStore:
                 ack_code=ack_code(original.ack),
             )
             if original.payload_sha256 != row["payload_sha256"]:
-                row["error"] = (
-                    f"same sender and MSH-10 as message {original.id} but different content"
-                )
+                row["error"] = f"a resend of message {original.id} with a new MSH-7"
             cur.execute(self._insert, self._params(row))
             return Written(int(cur.fetchone()[0]), original.id, original.ack)
         # Older than this listener's window: the key now belongs to the new message.

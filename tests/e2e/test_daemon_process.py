@@ -182,3 +182,51 @@ def test_embedded_sqlite_upgrades_itself_unless_told_not_to(tmp_path):
     daemon = DaemonProcess(config, http_port).start()
     assert daemon.terminate() == 0
     assert '"event": "db.upgraded"' in daemon.logs()
+
+
+def test_sigterm_while_a_sender_keeps_pipelining_drains_promptly(tmp_path, sqlite_url):
+    config, port, http_port = write_config(tmp_path, sqlite_url)
+    daemon = DaemonProcess(config, http_port).start()
+    stop = threading.Event()
+    answered: list[str] = []
+
+    def pipeline(sock: socket.socket) -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                sock.sendall(b"".join(encode(msg(f"PL{n + i}")) for i in range(20)))
+                n += 20
+        except OSError:
+            return
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            writer = threading.Thread(target=pipeline, args=(sock,), daemon=True)
+            writer.start()
+            decoder = FrameDecoder()
+            while len(answered) < 100:
+                for e in decoder.feed(sock.recv(65536)):
+                    if isinstance(e, Frame):
+                        answered.append(segments(e.payload)["MSA"][2])
+            assert daemon.proc is not None
+            daemon.proc.send_signal(15)
+            code = daemon.proc.wait(20)  # well inside the 30 s drain bound
+            stop.set()
+            try:
+                while data := sock.recv(65536):
+                    answered += [
+                        segments(e.payload)["MSA"][2]
+                        for e in decoder.feed(data)
+                        if isinstance(e, Frame)
+                    ]
+            except OSError:
+                pass
+            writer.join(10)
+    finally:
+        stop.set()
+        daemon.stop_quietly()
+    assert code == 0
+    assert answered == [f"PL{i}" for i in range(len(answered))]
+    assert set(answered) <= stored_control_ids(config)
+    assert "mllp.frame.failed" not in daemon.logs()
+    assert "mllp.drain.timeout" not in daemon.logs()

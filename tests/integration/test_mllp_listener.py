@@ -335,3 +335,50 @@ async def test_the_same_message_from_many_connections_at_once_is_stored_once(
     assert len(originals) == 1
     assert sorted(r.status for r in stored) == ["duplicate"] * 7 + ["received"]
     assert {r.duplicate_of for r in stored if r.status == "duplicate"} == {originals[0].id}
+
+
+async def test_same_control_id_with_other_content_is_rejected_not_swallowed(
+    config_for, upgraded_url
+):
+    async with running(config_for()) as d:
+        peer = await RawMllp.connect(d.listeners[0].port)
+        first = await peer.send(msg("REUSED", mtype="ADT^A01"))
+        restamped = await peer.send(
+            msg("REUSED", mtype="ADT^A01").replace(b"20261123101500", b"20261123101600", 1)
+        )
+        other = await peer.send(msg("REUSED", mtype="ORM^O01"))
+        await peer.close()
+    assert segments(first)["MSA"][1] == "AA"
+    assert restamped == first  # only MSH-7 differs: a resend, answered as the original
+    seg = segments(other)
+    assert seg["MSA"][1:3] == ["AR", "REUSED"]
+    assert seg["ERR"][3].startswith("207^")
+    assert seg["ERR"][5].startswith("102^")
+    stored = rows(upgraded_url)
+    assert [r.status for r in stored] == ["received", "duplicate", "rejected"]
+    assert stored[2].duplicate_of == stored[0].id
+    assert stored[2].raw == msg("REUSED", mtype="ORM^O01")
+
+
+async def test_nul_bytes_in_header_fields_are_stored_on_both_databases(config_for, upgraded_url):
+    payload = msg("NUL\x00ID", sender="E\x00HR")
+    async with running(config_for()) as d:
+        peer = await RawMllp.connect(d.listeners[0].port)
+        ack = await peer.send(payload)
+        await peer.close()
+    assert segments(ack)["MSA"][1] == "AA"
+    [row] = rows(upgraded_url)
+    assert row.raw == payload
+    assert "\x00" not in row.control_id
+
+
+@pytest.mark.parametrize(
+    ("charset", "code"),
+    [("ISO-8859-1", "AA"), ("windows-1252", "AA"), ("UNICODE UTF-16", "AE")],
+)
+async def test_vendor_charset_spellings(config_for, charset, code):
+    async with running(config_for()) as d:
+        peer = await RawMllp.connect(d.listeners[0].port)
+        ack = await peer.send(msg("CS", charset=charset))
+        await peer.close()
+    assert segments(ack)["MSA"][1] == code
