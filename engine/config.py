@@ -185,6 +185,9 @@ class LoggingConfig(_Frozen):
 class IngestConfig(_Frozen):
     # Group commit: at most this many messages share one transaction.
     max_batch: int = Field(default=256, ge=1, le=10_000)
+    # A message not committed within this bound is answered AR/CR 207 (resend later).
+    # A commit that lands afterwards is harmless: the resend is then a duplicate.
+    commit_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Writer threads (each with a connection). None: 2 on PostgreSQL, 1 on SQLite
     # (SQLite has one write lock; more would only queue on it).
     writers: int | None = Field(default=None, ge=1, le=16)

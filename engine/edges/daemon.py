@@ -106,16 +106,21 @@ class Daemon:
         try:
             for lcfg in self.config.mllp.listeners:
                 listener = MllpListener(
-                    lcfg, self.writer, self.metrics, base_dir=self.config.source.parent
+                    lcfg,
+                    self.writer,
+                    self.metrics,
+                    base_dir=self.config.source.parent,
+                    commit_timeout=self.config.ingest.commit_timeout_seconds,
                 )
                 await listener.start()
                 self.listeners.append(listener)
             http_task = await self._start_http()
+            schema = await asyncio.to_thread(current_revision, self.engine)
             log.info(
                 "daemon.ready",
                 listeners=[f"{x.cfg.name}:{x.port}" for x in self.listeners],
                 http=f"{self.config.http.host}:{self.http_port}",
-                schema=current_revision(self.engine),
+                schema=schema,
             )
             self.ready.set()
             await self._stop.wait()

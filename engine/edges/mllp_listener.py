@@ -92,8 +92,10 @@ class MllpListener:
         *,
         clock: Any = None,
         base_dir: Path = Path(),
+        commit_timeout: float = 10.0,
     ) -> None:
         self.cfg = cfg
+        self.commit_timeout = commit_timeout
         self.base_dir = base_dir
         self.policy = policy_from(cfg)
         self.writer = writer
@@ -363,8 +365,10 @@ class MllpConnection(asyncio.Protocol):
         outcome = _OUTCOME_LABEL[intake.outcome]
         label = intake.type_label
         try:
-            stored = await lst.writer.store(row, lst.policy.duplicate_window)
-        except StorageUnavailable:
+            stored = await asyncio.wait_for(
+                lst.writer.store(row, lst.policy.duplicate_window), lst.commit_timeout
+            )
+        except (StorageUnavailable, TimeoutError):
             ack: bytes | None = storage_failure_ack(
                 intake,
                 lst.policy.ack_mode,

@@ -76,6 +76,16 @@ class _Lane:
         self._raw: PoolProxiedConnection | None = None
         self._store: IngestStore | None = None
 
+    def is_data_error(self, exc: BaseException) -> bool:
+        """The database refused this data (a constraint, a value), not the connection."""
+        dbapi = self._engine.dialect.dbapi
+        kinds = tuple(
+            k
+            for k in (getattr(dbapi, "DataError", None), getattr(dbapi, "IntegrityError", None))
+            if isinstance(k, type)
+        )
+        return bool(kinds) and isinstance(exc, kinds)
+
     @property
     def connected(self) -> bool:
         """True when the next batch reuses a connection opened for an earlier one."""
@@ -208,20 +218,30 @@ class GroupCommitWriter:
         except Exception as exc:  # driver errors too: a writer thread must never die
             lane.drop()
             self._metrics.db_errors.inc()
-            if reused and not fresh:
+            data_error = lane.is_data_error(exc)
+            if reused and not fresh and not data_error:
                 # The server may have dropped an idle connection (restart, failover): try
                 # once more on a new one before answering a reject. A commit that did land
                 # before the error is caught by the duplicate check.
                 log.warning("ingest.commit.reconnecting", error=type(exc).__name__)
                 self._commit(lane, batch, fresh=True)
                 return
-            if len(batch) > 1:
+            if data_error and len(batch) > 1:
+                # One row the database refuses must not turn its neighbours' ACKs into
+                # NAKs. Only for data errors: when the database is down or hanging,
+                # retrying row by row would make every sender wait for each timeout.
                 log.warning("ingest.commit.batch_failed", size=len(batch), error=type(exc).__name__)
                 for one in batch:
                     self._commit(lane, [one], fresh=True)
                 return
-            log.error("ingest.commit.failed", error=type(exc).__name__, detail=_safe(exc))
-            batch[0].result = StorageUnavailable(type(exc).__name__)
+            log.error(
+                "ingest.commit.failed",
+                size=len(batch),
+                error=type(exc).__name__,
+                detail=_safe(exc),
+            )
+            for p in batch:
+                p.result = StorageUnavailable(type(exc).__name__)
             return
         for p, w in zip(batch, written, strict=True):
             p.result = Stored(w.message_id, w.duplicate_of, w.ack, w.conflict_with)

@@ -50,7 +50,16 @@ def open_engine(url: str, *, pool_size: int = 5, sqlite_synchronous: str = "FULL
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": 5},
+        # Bound how long a hung server (not a refusing one) can hold a commit, and
+        # with it the senders waiting for their answer.
+        connect_args={
+            "connect_timeout": 5,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 3,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 15000,
+        },
     )
 
 
