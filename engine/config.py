@@ -205,6 +205,15 @@ class Config(_Frozen):
         """The effective URL: env REFLOOP_DATABASE_URL wins, then [database] + password."""
         env_url = os.environ.get("REFLOOP_DATABASE_URL")
         if env_url:
+            try:
+                backend = make_url(env_url).get_backend_name()
+            except ArgumentError:
+                backend = ""
+            if backend not in ("sqlite", "postgresql", "postgres"):
+                raise ConfigError(
+                    "REFLOOP_DATABASE_URL is not a sqlite:///path or "
+                    "postgresql://user:password@host:port/db URL"
+                )
             return env_url
         url = make_url(self.database.url)
         secret = self.database.password.read(self.source.parent) if self.database.password else None

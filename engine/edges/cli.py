@@ -23,6 +23,7 @@ from engine.protocol.hl7v2 import split_segments
 
 F = TypeVar("F", bound=Callable[..., Any])
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_PORT = click.IntRange(0, 65535)
 
 
 def config_option(fn: F) -> F:
@@ -61,23 +62,36 @@ def _setup_logging(config: Config, *, level: str | None = None) -> None:
     )
 
 
-def _open_checked(config: Config) -> Engine:
-    from engine.store.database import SchemaError, check_schema, open_engine, ping
+def _open(config: Config) -> tuple[Engine, str]:
+    """The configured database, or a ClickException that says what to fix."""
+    from engine.store.database import describe_failure, open_engine
 
-    engine = open_engine(
-        config.database_url(), sqlite_synchronous=config.database.sqlite_synchronous
-    )
+    try:
+        url = config.database_url()
+        return open_engine(url, sqlite_synchronous=config.database.sqlite_synchronous), url
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (SQLAlchemyError, OSError) as exc:
+        raise click.ClickException(
+            describe_failure(config.database.url, exc) + "; check [database] url or "
+            "REFLOOP_DATABASE_URL"
+        ) from None
+
+
+def _open_checked(config: Config) -> Engine:
+    from engine.store.database import SchemaError, check_schema, describe_failure, ping
+
+    engine, url = _open(config)
     try:
         ping(engine)
         check_schema(engine)
     except SchemaError as exc:
         engine.dispose()
         raise click.ClickException(str(exc)) from None
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:
         engine.dispose()
         raise click.ClickException(
-            f"cannot reach the database ({type(exc).__name__}); check [database] url or "
-            "REFLOOP_DATABASE_URL"
+            f"{describe_failure(url, exc)}; check [database] url or REFLOOP_DATABASE_URL"
         ) from None
     return engine
 
@@ -93,8 +107,8 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--mllp-port", type=int, default=None, help="Override the first listener's port.")
-@click.option("--http-port", type=int, default=None, help="Override [http] port.")
+@click.option("--mllp-port", type=_PORT, default=None, help="Override the first listener's port.")
+@click.option("--http-port", type=_PORT, default=None, help="Override [http] port.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 def run(
     config_file: Path | None, mllp_port: int | None, http_port: int | None, log_level: str | None
@@ -128,17 +142,16 @@ def db() -> None:
 @config_option
 def db_upgrade(config_file: Path | None) -> None:
     """Migrate the database to the schema this refloop needs."""
-    from engine.store.database import open_engine, upgrade
+    from engine.store.database import describe_failure, upgrade
 
     config = _load(config_file)
-    engine = open_engine(
-        config.database_url(), sqlite_synchronous=config.database.sqlite_synchronous
-    )
+    engine, url = _open(config)
     try:
         before, after = upgrade(engine)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:
         raise click.ClickException(
-            f"upgrade failed ({type(exc).__name__}); check [database] url or REFLOOP_DATABASE_URL"
+            f"upgrade failed: {describe_failure(url, exc)}; check [database] url or "
+            "REFLOOP_DATABASE_URL"
         ) from None
     finally:
         engine.dispose()
@@ -152,14 +165,17 @@ def db_upgrade(config_file: Path | None) -> None:
 @config_option
 def db_current(config_file: Path | None) -> None:
     """Print the schema revision of the database and the one this refloop needs."""
-    from engine.store.database import current_revision, head_revision, open_engine
+    from engine.store.database import current_revision, describe_failure, head_revision
 
     config = _load(config_file)
-    engine = open_engine(config.database_url())
+    engine, url = _open(config)
     try:
-        click.echo(f"current: {current_revision(engine) or 'none'}\nneeded:  {head_revision()}")
+        current = current_revision(engine)
+    except (SQLAlchemyError, OSError) as exc:
+        raise click.ClickException(describe_failure(url, exc)) from None
     finally:
         engine.dispose()
+    click.echo(f"current: {current or 'none'}\nneeded:  {head_revision()}")
 
 
 # -- config ------------------------------------------------------------------------
@@ -327,7 +343,8 @@ def messages_show(message_id: int, config_file: Path | None, as_json: bool) -> N
     if row["duplicate_of"]:
         lines.append(f"  duplicate of {row['duplicate_of']}")
     if row["error"]:
-        lines.append(f"  error        {row['error_code']}: {row['error']}")
+        code = f"{row['error_code']}: " if row["error_code"] is not None else ""
+        lines.append(f"  error        {code}{row['error']}")
     lines.append("segments:")
     lines += [f"  {seg}" for seg in split_segments(text)]
     if ack:
@@ -353,7 +370,7 @@ def _codec_for_display(charset: str | None) -> str:
     "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=2575, show_default=True)
+@click.option("--port", type=_PORT, default=2575, show_default=True)
 @click.option(
     "--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -22,6 +23,7 @@ from engine.store.database import (
     SchemaError,
     check_schema,
     current_revision,
+    describe_failure,
     is_sqlite,
     open_engine,
     ping,
@@ -48,18 +50,17 @@ class _EmbeddedServer(uvicorn.Server):
 def prepare_database(config: Config) -> Engine:
     """Open the database and make sure its schema is current (or say how to fix it)."""
     url = config.database_url()
-    engine = open_engine(
-        url,
-        pool_size=config.database.pool_size,
-        sqlite_synchronous=config.database.sqlite_synchronous,
-    )
     try:
+        engine = open_engine(
+            url,
+            pool_size=config.database.pool_size,
+            sqlite_synchronous=config.database.sqlite_synchronous,
+        )
         ping(engine)
-    except SQLAlchemyError as exc:
-        engine.dispose()
+    except (SQLAlchemyError, OSError) as exc:
         raise StartupError(
-            f"cannot reach the database ({_cause(exc)}); check [database] url "
-            "in the config or REFLOOP_DATABASE_URL, and that the server is running"
+            f"{describe_failure(url, exc)}; check [database] url in the config or "
+            "REFLOOP_DATABASE_URL, and that the server is running"
         ) from None
     auto = config.database.auto_upgrade
     if auto is None:
@@ -104,7 +105,7 @@ class Daemon:
         self.writer.start()
         http_task: asyncio.Task[None] | None = None
         try:
-            for lcfg in self.config.mllp.listeners:
+            for index, lcfg in enumerate(self.config.mllp.listeners):
                 listener = MllpListener(
                     lcfg,
                     self.writer,
@@ -112,7 +113,13 @@ class Daemon:
                     base_dir=self.config.source.parent,
                     commit_timeout=self.config.ingest.commit_timeout_seconds,
                 )
-                await listener.start()
+                try:
+                    await listener.start()
+                except OSError as exc:
+                    raise StartupError(
+                        f"{self.config.source}: mllp.listeners[{index}] ({lcfg.name}): cannot "
+                        f"listen on {lcfg.host}:{lcfg.port}: {exc.strerror or exc}"
+                    ) from None
                 self.listeners.append(listener)
             http_task = await self._start_http()
             schema = await asyncio.to_thread(current_revision, self.engine)
@@ -146,14 +153,21 @@ class Daemon:
             lifespan="off",
             server_header=False,
         )
+        try:
+            host = self.config.http.host
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, self.config.http.port), family=family)
+        except OSError as exc:
+            raise StartupError(
+                f"{self.config.source}: http: cannot listen on {self.config.http.host}:"
+                f"{self.config.http.port}: {exc.strerror or exc}"
+            ) from None
         self.http = _EmbeddedServer(cfg)
-        task = asyncio.get_running_loop().create_task(self.http.serve())
+        task = asyncio.get_running_loop().create_task(self.http.serve(sockets=[sock]))
         while not self.http.started:
             if task.done():
                 task.result()
-                raise StartupError(
-                    f"HTTP server could not bind {self.config.http.host}:{self.config.http.port}"
-                )
+                raise StartupError("the HTTP server stopped during startup")
             await asyncio.sleep(0.01)
         return task
 
@@ -209,8 +223,3 @@ def with_overrides(
             update={"http": config.http.model_copy(update={"port": http_port})}
         )
     return config
-
-
-def _cause(exc: SQLAlchemyError) -> str:
-    orig = getattr(exc, "orig", None)
-    return type(orig or exc).__name__

@@ -123,6 +123,18 @@ def check_schema(engine: Engine) -> None:
     )
 
 
+def describe_failure(url: str, exc: BaseException) -> str:
+    """Why the database could not be used, naming where it is (never the password)."""
+    try:
+        where = make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        where = "(unparseable URL)"
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    detail = lines[0][:200] if lines else type(orig).__name__
+    return f"cannot use the database at {where}: {detail}"
+
+
 def ping(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))

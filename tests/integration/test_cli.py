@@ -153,3 +153,42 @@ def test_config_check_names_missing_tls_files_by_key_path(tmp_path):
         result.output
     )
     assert "mllp.listeners[0].tls.key_file: /nonexistent/key.pem does not exist" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["messages", "list"], {"REFLOOP_DATABASE_URL": "garbage"}, "REFLOOP_DATABASE_URL is not"),
+        (["db", "current"], {"REFLOOP_DATABASE_URL": "mysql://u@h/db"}, "REFLOOP_DATABASE_URL"),
+        (
+            ["db", "current"],
+            {"REFLOOP_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+            "cannot use the database at postgresql://nobody@127.0.0.1:1/none",
+        ),
+        (["run", "--mllp-port", "99999"], {}, "99999"),
+        (["send", "x", "--port", "-1"], {}, "-1"),
+    ],
+)
+def test_wrong_input_gets_a_message_not_a_traceback(tmp_path, args, env, expected):
+    config = write_toml(tmp_path / "c.toml", f"sqlite:///{tmp_path}/x.db")
+    if args[0] == "send":
+        (tmp_path / "x").write_bytes(msg("X"))
+        args = ["send", str(tmp_path / "x"), *args[2:]]
+    result = CliRunner().invoke(cli, [*args, "--config", str(config)], env=env)
+    assert result.exit_code in (1, 2), result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+async def test_run_names_the_listener_whose_port_is_taken(tmp_path, upgraded_url):
+    async with running(make_config(upgraded_url)) as d:
+        taken = d.listeners[0].port
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f'[database]\nurl = "{upgraded_url}"\n[http]\nport = 0\n'
+            f'[[mllp.listeners]]\nname = "busy"\nhost = "127.0.0.1"\nport = {taken}\n'
+        )
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["run", "--config", str(config)])
+    assert result.exit_code == 1
+    assert f"mllp.listeners[0] (busy): cannot listen on 127.0.0.1:{taken}" in result.output
