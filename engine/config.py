@@ -230,6 +230,23 @@ class Config(_Frozen):
         """Relative paths in the config are relative to the config file's folder."""
         return path if path.is_absolute() else (self.source.parent / path)
 
+    def port_problems(self) -> list[str]:
+        """Listeners (and HTTP) that would fight over one port."""
+        wildcard = ("0.0.0.0", "::", "")  # noqa: S104 - comparing, not binding
+        seen: list[tuple[str, str, int]] = [("http", self.http.host, self.http.port)]
+        seen += [
+            (f"mllp.listeners[{i}]", x.host, x.port) for i, x in enumerate(self.mllp.listeners)
+        ]
+        problems = []
+        for n, (key, host, port) in enumerate(seen):
+            for other_key, other_host, other_port in seen[:n]:
+                same_host = host == other_host or host in wildcard or other_host in wildcard
+                if port and port == other_port and same_host:
+                    problems.append(
+                        f"{self.source}: {key}: port {port} is already used by {other_key}"
+                    )
+        return problems
+
     def file_problems(self) -> list[str]:
         """Files the config names that cannot be used: ``file: key.path: problem``."""
         problems: list[str] = []

@@ -191,9 +191,19 @@ def config_group() -> None:
 @config_option
 def config_check(file: Path | None, config_file: Path | None) -> None:
     """Validate a config file (FILE, else --config, else REFLOOP_CONFIG, else ./engine.toml)."""
+    from engine.edges.mllp_listener import tls_context
+
     path = config_path(file or config_file)
     config = _load(path)
-    problems = config.file_problems()
+    problems = config.file_problems() + config.port_problems()
+    if not problems:
+        # Load every TLS context now, so a wrong PEM file or passphrase shows here
+        # and not at 3 a.m. when the daemon restarts.
+        for i, listener in enumerate(config.mllp.listeners):
+            try:
+                tls_context(listener, config.source.parent)
+            except ConfigError as exc:
+                problems.append(f"{path}: mllp.listeners[{i}].tls: {exc}")
     if problems:
         raise click.ClickException("\n".join(problems))
     names = ", ".join(f"{x.name}:{x.port}" for x in config.mllp.listeners) or "none"

@@ -192,3 +192,24 @@ async def test_run_names_the_listener_whose_port_is_taken(tmp_path, upgraded_url
         result = await asyncio.to_thread(CliRunner().invoke, cli, ["run", "--config", str(config)])
     assert result.exit_code == 1
     assert f"mllp.listeners[0] (busy): cannot listen on 127.0.0.1:{taken}" in result.output
+
+
+def test_config_check_finds_port_clashes_and_unusable_tls_files(tmp_path):
+    clash = tmp_path / "clash.toml"
+    clash.write_text(
+        '[http]\nport = 2575\n[[mllp.listeners]]\nname = "a"\nport = 2575\n'
+        '[[mllp.listeners]]\nname = "b"\nhost = "127.0.0.1"\nport = 2575\n'
+    )
+    result = invoke("config", "check", str(clash))
+    assert result.exit_code == 1
+    assert "mllp.listeners[0]: port 2575 is already used by http" in result.output
+    assert "mllp.listeners[1]: port 2575 is already used by http" in result.output
+    (tmp_path / "not.pem").write_text("this is not a certificate\n")
+    bad_tls = write_toml(
+        tmp_path / "tls.toml",
+        f"sqlite:///{tmp_path}/x.db",
+        '[mllp.listeners.tls]\ncert_file = "not.pem"\nkey_file = "not.pem"\n',
+    )
+    result = invoke("config", "check", str(bad_tls))
+    assert result.exit_code == 1
+    assert "mllp.listeners[0].tls: listener main: cannot load TLS files" in result.output
