@@ -30,7 +30,8 @@ MESSAGE_TYPES = frozenset(
         "VXR VXU VXX"
     ).split()
 )
-_TRIGGER = re.compile(r"^[A-Z0-9]{3}$")
+# Trigger events in HL7 table 0003 are a letter and two digits (A01, O19, S12, T02, Q22).
+_TRIGGER = re.compile(r"^[A-Z][0-9]{2}$")
 _LOCAL_TYPE = re.compile(r"^Z[A-Z0-9]{2}$")
 
 
@@ -71,10 +72,16 @@ class Intake:
 
     @property
     def type_label(self) -> str:
-        """A bounded metric label: ``ORM^O01``, or ``invalid``."""
+        """A bounded metric label: ``ORM^O01``, ``Z^local`` or ``invalid``.
+
+        Bounded by the tables, not by what a peer sends: table 0076 types times
+        letter-and-two-digit triggers; site-defined Z types share one label.
+        """
         h = self.header
         if h is None or not known_message_type(h.message_code):
             return "invalid"
+        if h.message_code.startswith("Z"):
+            return "Z^local"
         trigger = h.trigger_event
         if not trigger:
             return h.message_code

@@ -86,28 +86,29 @@ def test_kill_9_loses_no_acknowledged_message(tmp_path, database_url):
     assert acked <= stored, f"{len(acked - stored)} acknowledged messages are missing"
 
 
-def test_sigterm_finishes_in_flight_messages_and_exits_cleanly(tmp_path, sqlite_url):
+@pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_finishes_in_flight_messages_and_exits_cleanly(tmp_path, sqlite_url, signum):
     config, port, http_port = write_config(tmp_path, sqlite_url)
     daemon = DaemonProcess(config, http_port).start()
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(b"".join(encode(msg(f"T{i}")) for i in range(50)))
-        assert daemon.proc is not None
-        daemon.proc.send_signal(15)
         decoder = FrameDecoder()
         answered: list[str] = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
+        data = sock.recv(65536)  # the first ACKs: the daemon is mid-stream now
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signum)
+        while data:
             for e in decoder.feed(data):
                 if isinstance(e, Frame):
                     answered.append(segments(e.payload)["MSA"][2])
+            data = sock.recv(65536)
         sock.close()
         code = daemon.proc.wait(60)
     finally:
         daemon.stop_quietly()
     assert code == 0
+    assert answered  # in flight when the signal came, and still answered
     # Whatever was answered was stored; the rest was never read, so the sender keeps it.
     assert set(answered) <= stored_control_ids(config)
     assert answered == [f"T{i}" for i in range(len(answered))]

@@ -469,4 +469,4 @@ def test_record_of_unparseable_frame_has_no_header_fields() -> None:
 def test_local_z_message_types_are_accepted_and_labelled() -> None:
     intake = assess(msg(mtype="ZRF^Z01"), POLICY)
     assert intake.outcome is Outcome.ACCEPT
-    assert intake.type_label == "ZRF^Z01"
+    assert intake.type_label == "Z^local"  # local types share one metric label
