@@ -40,6 +40,7 @@ log = get_logger("refloop.mllp")
 
 _HIGH_WATER_FRAMES = 32
 _HANGUP_GRACE_SECONDS = 2.0
+_TLS_HANDSHAKE_SECONDS = 10.0
 _OUTCOME_LABEL = {Outcome.ACCEPT: "accepted", Outcome.ERROR: "error", Outcome.REJECT: "rejected"}
 
 
@@ -105,20 +106,25 @@ class MllpListener:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.connections: set[MllpConnection] = set()
         self.server: asyncio.Server | None = None
+        self.tls: ssl.SSLContext | None = None
         self._label_messages: dict[tuple[str, str], Any] = {}
         metrics.declare_listener(cfg.name)
         self.ack_latency = metrics.ack_latency.labels(cfg.name)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # TLS starts per connection, after the CIDR and connection-limit checks: a peer
+        # we refuse never gets a handshake, and a failed handshake is reported with its
+        # peer address (asyncio's server-side TLS would hide both).
+        self.tls = tls_context(self.cfg, self.base_dir)
+        if self.tls is not None:
+            self.metrics.refused.labels(self.cfg.name, "tls_handshake")
         self.server = await loop.create_server(
             lambda: MllpConnection(self),
             host=self.cfg.host,
             port=self.cfg.port,
-            ssl=self._watch_tls_handshakes(tls_context(self.cfg, self.base_dir)),
             reuse_address=True,
             backlog=512,
-            ssl_handshake_timeout=10.0 if self.cfg.tls else None,
         )
         log.info(
             "mllp.listener.started",
@@ -128,40 +134,6 @@ class MllpListener:
             tls=self.cfg.tls is not None,
             mutual_tls=bool(self.cfg.tls and self.cfg.tls.client_ca_file),
         )
-
-    def _watch_tls_handshakes(self, ctx: ssl.SSLContext | None) -> ssl.SSLContext | None:
-        """Count and log failed TLS handshakes as refused connections.
-
-        asyncio drops a failed server-side handshake silently: ssl.SSLError is an OSError,
-        which it logs only in debug mode and never passes to the loop's exception handler,
-        and the protocol is never told. So watch where the failure happens, in the
-        SSLObject asyncio drives for each connection (SSLContext.sslobject_class). A peer
-        that connects and leaves without a handshake (a port probe) is not counted.
-        """
-        if ctx is None:
-            return None
-        name = self.cfg.name
-        refused = self.metrics.refused.labels(name, "tls_handshake")
-
-        class _WatchedSSLObject(ssl.SSLObject):
-            def do_handshake(self) -> None:
-                try:
-                    super().do_handshake()
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    raise
-                except ssl.SSLError as exc:
-                    refused.inc()
-                    # OpenSSL's reason code only (e.g. CERTIFICATE_VERIFY_FAILED): no PHI.
-                    log.warning(
-                        "mllp.connection.refused",
-                        listener=name,
-                        reason="tls_handshake",
-                        tls_error=exc.reason or type(exc).__name__,
-                    )
-                    raise
-
-        ctx.sslobject_class = _WatchedSSLObject
-        return ctx
 
     @property
     def port(self) -> int:
@@ -272,7 +244,12 @@ class MllpConnection(asyncio.Protocol):
         lst.connections.add(self)
         lst.metrics.connections.labels(name).inc()
         log.info("mllp.connection.opened", listener=name, peer=self.peer)
-        self.task = asyncio.get_running_loop().create_task(self._worker())
+        loop = asyncio.get_running_loop()
+        if lst.tls is not None:
+            transport.pause_reading()  # the ClientHello is for start_tls, not the decoder
+            self.task = loop.create_task(self._secure_then_work(lst.tls))
+        else:
+            self.task = loop.create_task(self._worker())
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -309,6 +286,34 @@ class MllpConnection(asyncio.Protocol):
             self.registered = False
 
     # -- the per-connection worker ---------------------------------------------------
+
+    async def _secure_then_work(self, ctx: ssl.SSLContext) -> None:
+        lst = self.listener
+        raw = self.transport
+        assert raw is not None
+        try:
+            secured = await asyncio.get_running_loop().start_tls(
+                raw, self, ctx, server_side=True, ssl_handshake_timeout=_TLS_HANDSHAKE_SECONDS
+            )
+        except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
+            lst.metrics.refused.labels(lst.cfg.name, "tls_handshake").inc()
+            # OpenSSL's reason code only (e.g. CERTIFICATE_VERIFY_FAILED): no PHI.
+            log.warning(
+                "mllp.connection.refused",
+                listener=lst.cfg.name,
+                peer=self.peer,
+                reason="tls_handshake",
+                tls_error=getattr(exc, "reason", None) or type(exc).__name__,
+            )
+            raw.abort()
+            # start_tls gave the socket to its own protocol: we are not told it closed.
+            self.connection_lost(None)
+            return
+        if secured is None:  # the peer went away during the handshake
+            self.connection_lost(None)
+            return
+        self.transport = secured
+        await self._worker()
 
     async def _worker(self) -> None:
         while True:

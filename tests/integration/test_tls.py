@@ -262,3 +262,20 @@ def test_refloop_send_reports_unusable_tls_files_without_traceback(pki, tmp_path
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.output.startswith("Error: ")
+
+
+async def test_peer_outside_allowed_cidrs_is_refused_before_any_tls_handshake(
+    config_for, upgraded_url, pki
+):
+    listener = {**tls_listener(pki, mutual=True), "allowed_cidrs": ["10.0.0.0/8"]}
+    async with running(config_for(listeners=[listener])) as d:
+        port = d.listeners[0].port
+        how = await refusal(port, client_ctx(pki, pki.client_cert, pki.client_key), "CIDR1")
+        cidr = d.metrics.registry.get_sample_value(
+            f"{MLLP_CONNECTIONS_REFUSED}_total", {"listener": "tls", "reason": "cidr"}
+        )
+        handshakes = tls_refusals(d, "tls")
+    assert how in ("handshake", "closed")
+    assert cidr == 1
+    assert handshakes == 0  # refused on the plain socket: no TLS work for a stranger
+    assert stored(upgraded_url) == []
