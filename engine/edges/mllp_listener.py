@@ -370,9 +370,8 @@ class MllpConnection(asyncio.Protocol):
         outcome = _OUTCOME_LABEL[intake.outcome]
         label = intake.type_label
         try:
-            stored = await asyncio.wait_for(
-                lst.writer.store(row, lst.policy.duplicate_window), lst.commit_timeout
-            )
+            async with asyncio.timeout(lst.commit_timeout):  # no extra task per message
+                stored = await lst.writer.store(row, lst.policy.duplicate_window)
         except (StorageUnavailable, TimeoutError):
             ack: bytes | None = storage_failure_ack(
                 intake,
