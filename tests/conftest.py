@@ -99,15 +99,26 @@ def database_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(name))
 
 
-@pytest.fixture
-def upgraded_url(database_url: str) -> str:
-    """A database already migrated to head."""
+def migrated(url: str) -> str:
+    """Migrate the database at ``url`` to head and return the url."""
     from engine.store.database import open_engine, upgrade
 
-    eng = open_engine(database_url)
+    eng = open_engine(url)
     upgrade(eng)
     eng.dispose()
-    return database_url
+    return url
+
+
+@pytest.fixture
+def upgraded_url(database_url: str) -> str:
+    """A database already migrated to head (on SQLite and on PostgreSQL)."""
+    return migrated(database_url)
+
+
+@pytest.fixture
+def pg_upgraded(postgres_url: str) -> str:
+    """A PostgreSQL-only database already migrated to head."""
+    return migrated(postgres_url)
 
 
 @asynccontextmanager

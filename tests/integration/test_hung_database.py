@@ -54,16 +54,6 @@ class FreezableProxy:
             await self.server.wait_closed()
 
 
-@pytest.fixture
-def pg_upgraded(postgres_url: str) -> str:
-    from engine.store.database import open_engine, upgrade
-
-    eng = open_engine(postgres_url)
-    upgrade(eng)
-    eng.dispose()
-    return postgres_url
-
-
 async def test_a_hung_database_gets_every_sender_a_prompt_ar_207_and_recovers(pg_upgraded):
     direct = make_url(pg_upgraded)
     proxy = FreezableProxy(direct.port or 5432)
