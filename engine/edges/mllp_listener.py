@@ -15,6 +15,7 @@ import ssl
 import time
 import zoneinfo
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ class MllpListener:
         writer: GroupCommitWriter,
         metrics: Metrics,
         *,
-        clock: Any = None,
+        clock: Callable[[], datetime] | None = None,
         base_dir: Path = Path(),
         commit_timeout: float = 10.0,
     ) -> None:
@@ -103,7 +104,8 @@ class MllpListener:
         self.metrics = metrics
         self.networks = cfg.networks()
         self.tz = zoneinfo.ZoneInfo(cfg.timezone)
-        self.clock = clock or (lambda: datetime.now(UTC))
+        # Injected so tests (and, later, the simulator) can run in virtual time.
+        self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self.connections: set[MllpConnection] = set()
         self.server: asyncio.Server | None = None
         self.tls: ssl.SSLContext | None = None
@@ -176,9 +178,6 @@ class MllpListener:
             conn.abort()
         if self.server is not None:
             await self.server.wait_closed()
-
-    def now(self) -> datetime:
-        return self.clock()
 
     def count(self, type_label: str, outcome: str) -> None:
         key = (type_label, outcome)
@@ -256,7 +255,6 @@ class MllpConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         if self.finishing:
             return  # shutting down: not received, not ACKed; the sender will resend
-        lst = self.listener
         for event in self.decoder.feed(data):
             if isinstance(event, Junk):
                 self._junk(event)
@@ -267,7 +265,6 @@ class MllpConnection(asyncio.Protocol):
         if len(self.frames) >= _HIGH_WATER_FRAMES and self.reading and self.transport:
             self.transport.pause_reading()
             self.reading = False
-        del lst
 
     def connection_lost(self, exc: Exception | None) -> None:
         for event in self.decoder.close():
@@ -343,7 +340,7 @@ class MllpConnection(asyncio.Protocol):
     async def _handle(self, item: Frame | Oversize) -> None:
         lst = self.listener
         started = time.perf_counter()
-        received_at = lst.now()
+        received_at = lst.clock()
         if isinstance(item, Oversize):
             lst.metrics.framing_errors.labels(lst.cfg.name, "oversize").inc()
             intake = assess_oversize(item.prefix, item.size, lst.policy)

@@ -86,9 +86,6 @@ class Segment:
         fields = self._split()
         return fields[n] if n < len(fields) else None
 
-    def field_count(self) -> int:
-        return len(self._split()) - 1
-
 
 class Message:
     """A parsed message: segments in order, each split lazily."""

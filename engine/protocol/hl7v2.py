@@ -121,14 +121,16 @@ class Header:
         facility must be re-read with it, or the ACK echoes and the stored row get mojibake.
         Returns ``self`` unchanged when a field does not decode on its own.
         """
-        names = [f.name for f in fields(self)]
-        if "".join(getattr(self, n) for n in names).isascii():
+        if all(getattr(self, n).isascii() for n in _HEADER_FIELDS):
             return self  # the usual case: every codec we accept keeps ASCII as is
         try:
-            values = {n: getattr(self, n).encode("latin-1").decode(codec) for n in names}
+            values = {n: getattr(self, n).encode("latin-1").decode(codec) for n in _HEADER_FIELDS}
         except (UnicodeError, LookupError):
             return self
         return replace(self, **values)
+
+
+_HEADER_FIELDS = tuple(f.name for f in fields(Header))
 
 
 def _first_segment(payload: bytes) -> tuple[bytes, str]:

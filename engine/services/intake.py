@@ -212,24 +212,17 @@ def ack_for(
 
 def storage_failure_ack(intake: Intake, mode: AckMode, *, control_id: str, now: datetime) -> bytes:
     """Answer when the message could not be committed: reject, so the sender retries."""
-    failed = Intake(
-        header=intake.header,
-        outcome=Outcome.REJECT,
-        status="rejected",
-        error=AckError(207, "refloop could not store the message; resend it later"),
-        codec=intake.codec,
-        dedup_key=None,
-        payload_sha256=intake.payload_sha256,
-    )
-    enhanced = failed.enhanced(mode)
     return build_ack(
-        failed.header,
-        ack_code(Outcome.REJECT, enhanced=enhanced),
+        intake.header,
+        ack_code(Outcome.REJECT, enhanced=intake.enhanced(mode)),
         control_id=control_id,
         now=now,
-        error=failed.error,
-        charset_codec=failed.codec,
+        error=_NOT_STORED,
+        charset_codec=intake.codec,
     )
+
+
+_NOT_STORED = AckError(207, "refloop could not store the message; resend it later")
 
 
 _HEADER_TEXT = (
@@ -256,18 +249,7 @@ def record(
 ) -> dict[str, Any]:
     """The ``messages`` row for this frame."""
     h = intake.header
-    if h is not None and "\x00" in "".join(
-        (
-            h.message_type,
-            h.control_id,
-            h.sending_application,
-            h.sending_facility,
-            h.receiving_application,
-            h.receiving_facility,
-            h.version,
-            h.charset,
-        )
-    ):
+    if h is not None and any("\x00" in getattr(h, k) for k in _HEADER_TEXT):
         # PostgreSQL text cannot hold NUL; the raw bytes (bytea) keep it untouched.
         h = replace(h, **{k: getattr(h, k).replace("\x00", "\ufffd") for k in _HEADER_TEXT})
     return {

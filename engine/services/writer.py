@@ -9,9 +9,11 @@ waiting when one wakes (up to ``max_batch``) goes into ONE transaction (see
 ACK can precede its commit. Under load, batches grow by themselves and
 one fsync covers many messages; when idle, a lone message commits immediately.
 
-If a batch fails, each message is retried alone, so one poisonous row cannot turn its
-neighbours' ACKs into NAKs. If the database is down, every waiting message gets the
-exception and its listener answers a reject: the sender keeps the message and resends.
+If the database refuses a row (a data or integrity error), the batch's messages are
+retried one by one, so one poisonous row cannot turn its neighbours' ACKs into NAKs. A
+connection error gets one retry on a fresh connection (the server may have dropped an
+idle one); if that fails too, the whole batch is answered with a reject at once and the
+senders resend later — never one timeout per row.
 """
 
 from __future__ import annotations
@@ -32,19 +34,13 @@ from engine.logs import get_logger
 from engine.metrics import Metrics
 from engine.protocol.ack import next_control_id
 from engine.services.intake import conflict_answer
-from engine.store.ingest import ConflictCheck, IngestStore
+from engine.store.ingest import ConflictCheck, IngestStore, Written
 
 log = get_logger("refloop.ingest")
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """The writer's answer: the row id, and for a duplicate the original's ACK."""
-
-    message_id: int
-    duplicate_of: int | None = None
-    ack: bytes | None = None  # replaces the prepared ACK: the original's, or a conflict NAK
-    conflict_with: int | None = None
+#: The writer's answer for one message (see :class:`engine.store.ingest.Written`).
+Stored = Written
 
 
 @dataclass(slots=True)
@@ -70,7 +66,7 @@ class _Lane:
     would cost a round trip on every commit.
     """
 
-    def __init__(self, engine: Engine, conflict: ConflictCheck | None = None) -> None:
+    def __init__(self, engine: Engine, conflict: ConflictCheck) -> None:
         self._engine = engine
         self._conflict = conflict
         self._raw: PoolProxiedConnection | None = None
@@ -124,10 +120,7 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._pending = 0
-
-    @property
-    def depth(self) -> int:
-        return self._pending
+        metrics.queue_depth.set_function(lambda: self._pending)
 
     def start(self) -> None:
         for n in range(self._lanes):
@@ -153,13 +146,11 @@ class GroupCommitWriter:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Stored] = loop.create_future()
         self._pending += 1
-        self._metrics.queue_depth.set(self._pending)
         self._queue.put(_Pending(row, window, fut, loop))
         try:
             return await fut
         finally:
             self._pending -= 1
-            self._metrics.queue_depth.set(self._pending)
 
     # -- the writer threads ----------------------------------------------------------
 
@@ -244,7 +235,7 @@ class GroupCommitWriter:
                 p.result = StorageUnavailable(type(exc).__name__)
             return
         for p, w in zip(batch, written, strict=True):
-            p.result = Stored(w.message_id, w.duplicate_of, w.ack, w.conflict_with)
+            p.result = w
         self._metrics.db_commit.observe(time.perf_counter() - started)
         self._metrics.db_batch.observe(len(batch))
 

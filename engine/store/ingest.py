@@ -46,14 +46,6 @@ class Written:
     conflict_with: int | None = None  # same key, different content: rejected
 
 
-@dataclass(frozen=True, slots=True)
-class _Original:
-    id: int
-    received_at: datetime
-    ack: bytes | None
-    payload_sha256: str
-
-
 #: (row, original raw, original id) -> row updates when the resend is a conflict, else None.
 ConflictCheck = Callable[[dict[str, Any], bytes, int], dict[str, Any] | None]
 
@@ -61,9 +53,7 @@ ConflictCheck = Callable[[dict[str, Any], bytes, int], dict[str, Any] | None]
 class IngestStore:
     """Writes batches on one DBAPI connection (psycopg 3 or sqlite3)."""
 
-    def __init__(
-        self, dbapi_connection: Any, dialect: str, conflict: ConflictCheck | None = None
-    ) -> None:
+    def __init__(self, dbapi_connection: Any, dialect: str, conflict: ConflictCheck) -> None:
         self.conn = dbapi_connection
         self._conflict = conflict
         self.sqlite = dialect == "sqlite"
@@ -76,8 +66,9 @@ class IngestStore:
             "ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id"
         )
         self._original = (
-            "SELECT id, received_at, ack, payload_sha256, raw FROM messages "
-            f"WHERE dedup_key = {mark}"
+            "SELECT id, received_at, ack, ack_code, "
+            f"CASE WHEN payload_sha256 = {mark} THEN NULL ELSE raw END "
+            f"FROM messages WHERE dedup_key = {mark}"
         )
         self._release_key = f"UPDATE messages SET dedup_key = NULL WHERE id = {mark}"
 
@@ -128,33 +119,27 @@ class IngestStore:
         return ids
 
     def _resend(self, cur: Any, row: dict[str, Any], window: timedelta) -> Written:
-        key = row["dedup_key"]
-        cur.execute(self._original, (key,))
-        found = cur.fetchone()
-        original = _Original(
-            int(found[0]), self._time(found[1]), bytes(found[2]) if found[2] else None, found[3]
-        )
-        if original.received_at >= row["received_at"] - window:
-            updates = self._conflict(row, bytes(found[4]), original.id) if self._conflict else None
-            if updates is not None:
-                row.update(updates, dedup_key=None, duplicate_of=original.id)
-                cur.execute(self._insert, self._params(row))
-                return Written(int(cur.fetchone()[0]), None, row["ack"], original.id)
-            row.update(
-                status="duplicate",
-                dedup_key=None,
-                duplicate_of=original.id,
-                ack=original.ack,
-                ack_code=ack_code(original.ack),
-            )
-            if original.payload_sha256 != row["payload_sha256"]:
-                row["error"] = f"a resend of message {original.id} with a new MSH-7"
+        # The original's raw body is only fetched when the digests differ: an exact
+        # resend needs no content comparison.
+        cur.execute(self._original, (row["payload_sha256"], row["dedup_key"]))
+        orig_id, received_at, ack, ack_code, raw = cur.fetchone()
+        orig_id, ack = int(orig_id), bytes(ack) if ack else None
+        if self._time(received_at) < row["received_at"] - window:
+            # Older than this listener's window: the key now belongs to the new message.
+            cur.execute(self._release_key, (orig_id,))
             cur.execute(self._insert, self._params(row))
-            return Written(int(cur.fetchone()[0]), original.id, original.ack)
-        # Older than this listener's window: the key now belongs to the new message.
-        cur.execute(self._release_key, (original.id,))
+            return Written(int(cur.fetchone()[0]))
+        updates = self._conflict(row, bytes(raw), orig_id) if raw is not None else None
+        if updates is not None:
+            row.update(updates, dedup_key=None, duplicate_of=orig_id)
+            cur.execute(self._insert, self._params(row))
+            return Written(int(cur.fetchone()[0]), None, row["ack"], orig_id)
+        row.update(status="duplicate", dedup_key=None, duplicate_of=orig_id, ack=ack)
+        row["ack_code"] = ack_code
+        if raw is not None:
+            row["error"] = f"a resend of message {orig_id} with a new MSH-7"
         cur.execute(self._insert, self._params(row))
-        return Written(int(cur.fetchone()[0]))
+        return Written(int(cur.fetchone()[0]), orig_id, ack)
 
     def _params(self, row: dict[str, Any]) -> list[Any]:
         values = [row[c] for c in COLUMNS]
@@ -167,13 +152,3 @@ class IngestStore:
             return datetime.strptime(value, _SQLITE_TIME).replace(tzinfo=UTC)
         assert isinstance(value, datetime)
         return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def ack_code(ack: bytes | None) -> str | None:
-    """MSA-1 of a stored ACK."""
-    if not ack:
-        return None
-    for segment in ack.split(b"\r"):
-        if segment.startswith(b"MSA") and len(segment) >= 6:
-            return segment[4:6].decode("ascii", "replace")
-    return None

@@ -63,8 +63,3 @@ def list_messages(conn: Connection, flt: MessageFilter) -> Iterator[dict[str, An
 def get_message(conn: Connection, message_id: int) -> dict[str, Any] | None:
     row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
     return dict(row._mapping) if row else None
-
-
-def control_ids_with_status(conn: Connection, status: str) -> set[str]:
-    rows = conn.execute(select(messages.c.control_id).where(messages.c.status == status))
-    return {r.control_id for r in rows}
