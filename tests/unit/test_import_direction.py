@@ -31,6 +31,11 @@ RULES = [
         why="protocol code is the bottom layer: pure, no config, store or runtime",
     ),
     Rule(
+        "engine.mapping",
+        allowed_engine=("engine.mapping", "engine.protocol", "engine.domain"),
+        why="mapping turns protocol data into domain events; it knows nothing of I/O",
+    ),
+    Rule(
         "engine.domain",
         allowed_engine=("engine.domain",),
         why="the domain core is pure: standard library and itself only",

@@ -1,0 +1,1 @@
+"""Analysts' YAML: reading it safely (source), and later the mapping language itself."""
