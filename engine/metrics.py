@@ -102,13 +102,13 @@ class Metrics:
         )
         self.queue_depth = Gauge(INGEST_QUEUE, "Messages waiting for the writer", registry=r)
 
-    def declare_listener(self, listener: str) -> None:
+    def declare_listener(self, listener: str, *, tls: bool = False) -> None:
         """Create a listener's series at zero so dashboards and alerts see them at once."""
         self.connections.labels(listener)
         for reason in ("outside_frame", "abandoned_frame", "oversize", "idle_timeout"):
             self.framing_errors.labels(listener, reason)
         self.junk_bytes.labels(listener)
-        for reason in ("cidr", "max_connections"):
+        for reason in ("cidr", "max_connections", *(("tls_handshake",) if tls else ())):
             self.refused.labels(listener, reason)
         self.ack_latency.labels(listener)
 

@@ -102,10 +102,6 @@ class Decision:
     changed: bool
     anomaly: str | None = None  # why the event was not applied
 
-    @property
-    def applied(self) -> bool:
-        return self.anomaly is None
-
 
 _Rule = Callable[[State], Decision]
 
@@ -130,9 +126,9 @@ def _forward(target: State, *, allowed_from: frozenset[State] | None = None) -> 
     return rule
 
 
-def _stay(*, unless_terminal: bool = True) -> _Rule:
+def _stay() -> _Rule:
     def rule(state: State) -> Decision:
-        if unless_terminal and state in TERMINAL:
+        if state in TERMINAL:
             return _anomaly(state, f"referral is already {state}")
         return Decision(state, changed=False)
 

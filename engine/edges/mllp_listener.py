@@ -47,7 +47,6 @@ _OUTCOME_LABEL = {Outcome.ACCEPT: "accepted", Outcome.ERROR: "error", Outcome.RE
 
 def policy_from(cfg: ListenerConfig) -> Policy:
     return Policy(
-        listener=cfg.name,
         ack_mode=cfg.ack_mode,
         default_charset=cfg.default_charset,
         strict_segment_terminators=cfg.strict_segment_terminators,
@@ -110,7 +109,7 @@ class MllpListener:
         self.server: asyncio.Server | None = None
         self.tls: ssl.SSLContext | None = None
         self._label_messages: dict[tuple[str, str], Any] = {}
-        metrics.declare_listener(cfg.name)
+        metrics.declare_listener(cfg.name, tls=cfg.tls is not None)
         self.ack_latency = metrics.ack_latency.labels(cfg.name)
 
     async def start(self) -> None:
@@ -119,8 +118,6 @@ class MllpListener:
         # we refuse never gets a handshake, and a failed handshake is reported with its
         # peer address (asyncio's server-side TLS would hide both).
         self.tls = tls_context(self.cfg, self.base_dir)
-        if self.tls is not None:
-            self.metrics.refused.labels(self.cfg.name, "tls_handshake")
         self.server = await loop.create_server(
             lambda: MllpConnection(self),
             host=self.cfg.host,
@@ -211,7 +208,6 @@ class MllpConnection(asyncio.Protocol):
         self.finishing = False
         self.draining = False
         self.task: asyncio.Task[None] | None = None
-        self.closing = False
         self.reading = True
         self.last_activity = time.monotonic()
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -270,7 +266,6 @@ class MllpConnection(asyncio.Protocol):
         for event in self.decoder.close():
             if isinstance(event, Junk):
                 self._junk(event)
-        self.closing = True
         self.gone.set()
         self.wakeup.set()
         if self.idle_timer is not None:
@@ -316,7 +311,7 @@ class MllpConnection(asyncio.Protocol):
         while True:
             if not self.frames:
                 self.idle.set()
-                if self.closing:
+                if self.gone.is_set():
                     return
                 self.wakeup.clear()
                 await self.wakeup.wait()
@@ -425,7 +420,7 @@ class MllpConnection(asyncio.Protocol):
     def _check_idle(self) -> None:
         timeout = self.listener.cfg.idle_timeout_seconds
         quiet = time.monotonic() - self.last_activity
-        if quiet >= timeout and self.idle.is_set() and not self.closing:
+        if quiet >= timeout and self.idle.is_set() and not self.gone.is_set():
             name = self.listener.cfg.name
             self.listener.metrics.framing_errors.labels(name, "idle_timeout").inc()
             log.info("mllp.connection.idle_timeout", listener=name, peer=self.peer)

@@ -92,7 +92,7 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for an unfinished frame (for flow control and idle checks)."""
+        """Bytes held for an unfinished frame (what the decoder is holding, for inspection)."""
         return len(self._buf)
 
     @property

@@ -40,7 +40,12 @@ def known_message_type(code: str) -> bool:
     return code in MESSAGE_TYPES or bool(_LOCAL_TYPE.match(code))
 
 
-Status = Literal["received", "duplicate", "rejected", "error"]
+Status = Literal["received", "rejected", "error"]
+_STATUS: dict[Outcome, Status] = {
+    Outcome.ACCEPT: "received",
+    Outcome.REJECT: "rejected",
+    Outcome.ERROR: "error",
+}
 AckMode = Literal["auto", "original", "enhanced"]
 
 
@@ -48,7 +53,6 @@ AckMode = Literal["auto", "original", "enhanced"]
 class Policy:
     """The listener options that decide intake (from ``[[mllp.listeners]]``)."""
 
-    listener: str
     ack_mode: AckMode = "auto"
     default_charset: str = "utf-8"
     strict_segment_terminators: bool = False
@@ -64,11 +68,15 @@ class Intake:
 
     header: Header | None
     outcome: Outcome
-    status: Status
     error: AckError | None
     codec: str
     dedup_key: str | None
     payload_sha256: str
+
+    @property
+    def status(self) -> Status:
+        """The stored status: received, rejected (AR/CR) or error (AE/CE)."""
+        return _STATUS[self.outcome]
 
     @property
     def type_label(self) -> str:
@@ -127,7 +135,6 @@ def assess(payload: bytes, policy: Policy) -> Intake:
     return Intake(
         header=header,
         outcome=Outcome.ACCEPT,
-        status="received",
         error=None,
         codec=codec,
         dedup_key=dedup_key(header),
@@ -156,7 +163,6 @@ def _refused(
     return Intake(
         header=header,
         outcome=outcome,
-        status="rejected" if outcome is Outcome.REJECT else "error",
         error=AckError(exc.code, exc.reason, exc.field),
         codec=codec,
         dedup_key=None,

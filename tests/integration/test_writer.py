@@ -19,7 +19,7 @@ WINDOW = timedelta(days=7)
 
 
 def row_for(payload: bytes) -> dict:
-    intake = assess(payload, Policy(listener="t"))
+    intake = assess(payload, Policy())
     answer = ack_for(intake, "auto", control_id="ACK1", now=NOW)
     return record(intake, payload=payload, listener="t", peer="p", received_at=NOW, answer=answer)
 

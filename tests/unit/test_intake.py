@@ -27,7 +27,7 @@ from engine.services.intake import (
 from tests import helpers
 
 NOW = datetime(2026, 11, 23, 10, 15, 0, tzinfo=UTC)
-POLICY = Policy(listener="test")
+POLICY = Policy()
 #: A synthetic, distinctive patient name: it must never reach a reason or an ACK.
 NAME_PARTS = ("ZZTESTNAME", "QUUX")
 PID = "PID|1||12345^^^HOSP^MR||ZZTESTNAME^QUUX||19700101|F"
