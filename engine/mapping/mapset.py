@@ -1,21 +1,42 @@
 """A loaded, immutable set of mappings: the one object normalisation needs.
 
-Loading is all-or-nothing: every file under the directory is read, validated and
-compiled, and any error (with file:line:column) refuses the whole set, so the daemon keeps
-the set it already runs. Per-source overlays live in ``<dir>/sources/<name>/``; a listener
-names its overlay in ``engine.toml`` and the overlay's mappings are tried before the
-shared ones.
+Layout under the mappings directory::
+
+    valuesets/*.yaml              shared code tables (referral-valueset/v1)
+    hl7v2/*.map.yaml              shared mappings (referral-mapping/v1)
+    hl7v2/tests/*.cases.yaml      fixtures (run by `refloop mappings test`)
+    sources/<name>/...            an overlay for one sending system: its own mappings,
+                                  valuesets/ and tests/, chosen per listener in engine.toml
+    _schema/                      generated JSON Schemas for editors (not loaded)
+
+Loading is all-or-nothing: every file is read, validated and compiled, and any error
+(with file:line:column) refuses the whole set, so the daemon keeps the set it runs.
+
+For a message from a listener with overlay ``X``, the overlay's mappings are tried
+before the shared ones (first match by ``match`` wins, in file order), and the overlay's
+value sets shadow shared ones of the same id — so an overlay can be as small as one
+code table that translates a vendor's local codes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from engine.domain.events import Normalised
-from engine.mapping.source import SourceError
+from engine.domain.events import Diagnostic, Normalised, Outcome
+from engine.mapping import plan as p
+from engine.mapping.compiler import MAPPING_SCHEMA, VALUESET_SCHEMA, Compiler
+from engine.mapping.evaluate import evaluate, matches
+from engine.mapping.source import Document, SourceError, load
+from engine.protocol.hl7message import Message
+from engine.protocol.hl7v2 import HeaderError
+
+SOURCES_DIR = "sources"
+VALUESETS_DIR = "valuesets"
+SKIP_DIRS = frozenset({"_schema", "samples"})
 
 
 class MappingSetError(Exception):
@@ -29,19 +50,167 @@ class MappingSetError(Exception):
 @dataclass(frozen=True)
 class MappingSet:
     root: Path
-    digest: str  # sha256 over every file's path and bytes, first 16 hex digits
+    digest: str  # sha256 over every mapping and value set file, first 16 hex digits
+    mappings: tuple[p.Mapping, ...]
+    valuesets: Mapping[str | None, Mapping[str, p.ValueSet]]  # overlay (None: shared) → id → set
+    files: tuple[Path, ...] = field(default=())
+
+    @property
+    def overlays(self) -> frozenset[str]:
+        return frozenset(k for k in self.valuesets if k is not None) | frozenset(
+            m.overlay for m in self.mappings if m.overlay is not None
+        )
+
+    def candidates(self, overlay: str | None) -> list[p.Mapping]:
+        own = [m for m in self.mappings if overlay is not None and m.overlay == overlay]
+        return own + [m for m in self.mappings if m.overlay is None]
+
+    def tables(self, overlay: str | None) -> dict[str, p.ValueSet]:
+        return {**self.valuesets.get(None, {}), **self.valuesets.get(overlay, {})}
 
     def normalise(
         self, text: str, *, received_at: datetime, overlay: str | None = None
     ) -> Normalised:
         """Normalise one decoded message (pure: no clock, no I/O)."""
-        raise NotImplementedError
+        try:
+            message = Message.parse(text)
+        except HeaderError as exc:
+            return _error("unparseable", f"the message cannot be read: {exc.reason}")
+        tables = self.tables(overlay)
+        for mapping in self.candidates(overlay):
+            if matches(mapping, message, tables):
+                return evaluate(
+                    mapping, message, tables, digest=self.digest, received_at=received_at
+                )
+        kind = (
+            "^".join(part for part in (_msh(message, 1), _msh(message, 2)) if part) or "(no MSH-9)"
+        )
+        where = f" for source {overlay!r}" if overlay else ""
+        return _error(
+            "no_mapping",
+            f"no mapping handles {kind}{where}; add one (or an ignore rule) under {self.root}",
+        )
 
-    @property
-    def overlays(self) -> frozenset[str]:
-        raise NotImplementedError
+
+def _msh(message: Message, component: int) -> str:
+    raw = message.segments[0].field(9) or ""
+    parts = raw.split(message.delims.component)
+    return parts[component - 1] if component <= len(parts) else ""
+
+
+def _error(code: str, text: str) -> Normalised:
+    return Normalised(Outcome.MAPPING_ERROR, (), (Diagnostic(code, text),))
+
+
+def overlay_of(root: Path, path: Path) -> str | None:
+    """The overlay a file belongs to (``sources/<name>/...``), or None when shared."""
+    try:
+        rel = path.resolve().relative_to(root.resolve()).parts
+    except ValueError:
+        return None
+    return rel[1] if len(rel) > 2 and rel[0] == SOURCES_DIR else None
+
+
+def _kind(root: Path, path: Path) -> str | None:
+    name = path.name
+    if name.endswith(".map.yaml"):
+        return "mapping"
+    if name.endswith(".cases.yaml"):
+        return "cases"
+    if path.parent.name == VALUESETS_DIR:
+        return "valueset"
+    return None
+
+
+def mapping_files(root: Path) -> list[Path]:
+    """Every YAML file of the set (mappings, value sets, fixtures), in a stable order."""
+    out = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts):
+            continue
+        if path.is_file() and path.suffix in (".yaml", ".yml"):
+            out.append(path)
+    return out
 
 
 def load_mapping_set(root: Path) -> MappingSet:
     """Read, validate and compile every mapping under ``root``; raises MappingSetError."""
-    raise NotImplementedError
+    if not root.is_dir():
+        raise MappingSetError([SourceError(str(root), 1, 1, "no such mappings directory")])
+    errors: list[SourceError] = []
+    docs: dict[str, list[tuple[Path, Document]]] = {"mapping": [], "valueset": []}
+    digest = hashlib.sha256()
+    files = mapping_files(root)
+    for path in files:
+        kind = _kind(root, path)
+        if kind is None:
+            errors.append(
+                SourceError(
+                    str(path),
+                    1,
+                    1,
+                    "not part of a mapping set: name mappings *.map.yaml, "
+                    "fixtures *.cases.yaml, and put value sets in a valuesets/ folder",
+                )
+            )
+            continue
+        if kind == "cases":
+            continue
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        try:
+            doc = load(path)
+        except SourceError as exc:
+            errors.append(exc)
+            continue
+        expected = MAPPING_SCHEMA if kind == "mapping" else VALUESET_SCHEMA
+        schema = doc.data.get("schema") if isinstance(doc.data, dict) else None
+        if schema != expected:
+            errors.append(doc.error(("schema",), f"expected `schema: {expected}` at the top"))
+            continue
+        docs[kind].append((path, doc))
+
+    valuesets: dict[str | None, dict[str, p.ValueSet]] = {}
+    for path, doc in docs["valueset"]:
+        compiler = Compiler(doc, overlay_of(root, path), frozenset())
+        vs = compiler.valueset()
+        errors.extend(compiler.errors)
+        if vs is None:
+            continue
+        scope = valuesets.setdefault(vs.overlay, {})
+        if vs.id in scope:
+            errors.append(
+                doc.error(("id",), f"value set id {vs.id!r} is also in {scope[vs.id].file}")
+            )
+            continue
+        scope[vs.id] = vs
+
+    shared = frozenset(valuesets.get(None, {}))
+    mappings: list[p.Mapping] = []
+    ids: dict[str, str] = {}
+    for path, doc in docs["mapping"]:
+        overlay = overlay_of(root, path)
+        # Shared mappings see shared tables (an overlay may shadow one with its own
+        # codes); an overlay mapping also sees its overlay's tables.
+        known = shared | frozenset(valuesets.get(overlay, {}) if overlay else ())
+        compiler = Compiler(doc, overlay, known)
+        mapping = compiler.mapping()
+        errors.extend(compiler.errors)
+        if mapping is None:
+            continue
+        if mapping.id in ids:
+            errors.append(
+                doc.error(("id",), f"mapping id {mapping.id!r} is also used by {ids[mapping.id]}")
+            )
+            continue
+        ids[mapping.id] = doc.file
+        mappings.append(mapping)
+    if errors:
+        raise MappingSetError(errors)
+    return MappingSet(
+        root=root,
+        digest=digest.hexdigest()[:16],
+        mappings=tuple(mappings),
+        valuesets=valuesets,
+        files=tuple(files),
+    )

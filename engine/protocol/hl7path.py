@@ -4,17 +4,21 @@
 
 All indices are 1-based, as in the standard (``PID-3.1`` is the ID number of the
 first patient identifier). ``[*]`` selects every occurrence or repetition and yields a
-list; ``[.5=MR]`` selects the first repetition whose component 5 equals ``MR``.
+list; ``[.5=MR]`` selects the first repetition whose component 5 equals ``MR``, and
+``PRD[1=RT]`` the first PRD segment whose field 1 (first repetition, first component)
+equals ``RT`` (``[4.2=X]`` compares component 2 of field 4).
 Omitting ``[n]`` means the first. Examples: ``PID-3[.5=MR].1``, ``OBX[*]-5``,
 ``SCH-26[1].1``, ``MSH-9.2``.
 
-Message groups (``ORDER/OBR``) arrive with the mapping language; this module reads
-segments in message order.
+A leading ``/`` marks a path as absolute: inside a mapping's ``foreach`` it reads the
+whole message rather than the current instance. :func:`read` takes the instance as
+``scope`` (the segments a relative path may see).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.protocol.hl7message import ABSENT, Message, Segment, Value, classify
@@ -24,7 +28,7 @@ ALL = -1  # "[*]"
 _PATH = re.compile(
     r"""^/?
     (?P<seg>[A-Z][A-Z0-9]{2})
-    (?:\[(?P<occ>\*|[0-9]+)\])?
+    (?:\[(?P<occ>\*|[0-9]+|[0-9]+(?:\.[0-9]+)?=[^\]]*)\])?
     (?:-(?P<field>[0-9]+)
         (?:\[(?P<rep>\*|[0-9]+|\.[0-9]+(?:\.[0-9]+)?=[^\]]*)\])?
         (?:\.(?P<comp>[0-9]+)(?:\.(?P<sub>[0-9]+))?)?
@@ -51,14 +55,22 @@ class Filter:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentFilter:
+    field: int
+    component: int
+    equals: str
+
+
+@dataclass(frozen=True, slots=True)
 class Path:
     text: str
     segment: str
-    occurrence: int = 1  # or ALL
+    occurrence: int | SegmentFilter = 1  # or ALL
     field: int | None = None
     repetition: int | Filter = 1  # or ALL
     component: int | None = None
     subcomponent: int | None = None
+    absolute: bool = False
 
     @property
     def many(self) -> bool:
@@ -81,6 +93,16 @@ def parse_path(text: str) -> Path:
             raise PathError(text, "indices are 1-based; 0 is not a position", m.start(name) + 1)
         return value
 
+    occ_text = m.group("occ")
+    occurrence: int | SegmentFilter
+    if occ_text is not None and "=" in occ_text:
+        target, _, equals = occ_text.partition("=")
+        fld, _, comp = target.partition(".")
+        if int(fld) < 1 or (comp and int(comp) < 1):
+            raise PathError(text, "indices are 1-based; 0 is not a position", m.start("occ") + 1)
+        occurrence = SegmentFilter(int(fld), int(comp) if comp else 1, equals)
+    else:
+        occurrence = index("occ") or 1
     rep_text = m.group("rep")
     repetition: int | Filter
     if rep_text is not None and rep_text.startswith("."):
@@ -96,22 +118,34 @@ def parse_path(text: str) -> Path:
     return Path(
         text=text,
         segment=m.group("seg"),
-        occurrence=index("occ") or 1,
+        occurrence=occurrence,
         field=index("field"),
         repetition=repetition,
         component=index("comp"),
         subcomponent=index("sub"),
+        absolute=text.startswith("/"),
     )
 
 
-def read(message: Message, path: Path) -> Value | list[Value]:
+def read(
+    message: Message, path: Path, scope: Sequence[Segment] | None = None
+) -> Value | list[Value]:
     """Evaluate ``path``: one value, or a list when the path has ``[*]``.
 
-    Values are still escaped; unescape with :meth:`Message.unescape` when needed.
+    ``scope`` limits a relative path to some segments (a ``foreach`` instance); an
+    absolute path always reads the whole message. Values are still escaped; unescape
+    with :meth:`Message.unescape` when needed.
     """
-    segments = message.all(path.segment)
-    first = path.occurrence - 1
-    chosen = segments if path.occurrence == ALL else segments[first : first + 1]
+    if scope is None or path.absolute:
+        segments = message.all(path.segment)
+    else:
+        segments = [s for s in scope if s.name == path.segment]
+    if isinstance(path.occurrence, SegmentFilter):
+        chosen = [s for s in segments if _segment_matches(message, s, path.occurrence)][:1]
+    elif path.occurrence == ALL:
+        chosen = segments
+    else:
+        chosen = segments[path.occurrence - 1 : path.occurrence]
     values: list[Value] = []
     for seg in chosen:
         values.extend(_read_segment(message, seg, path))
@@ -138,6 +172,15 @@ def _read_segment(message: Message, seg: Segment, path: Path) -> list[Value]:
     if not picked:
         return [ABSENT]
     return [_drill(message, rep, path.component, path.subcomponent) for rep in picked]
+
+
+def _segment_matches(message: Message, seg: Segment, flt: SegmentFilter) -> bool:
+    raw = seg.field(flt.field)
+    if not raw:
+        return False
+    first = raw.split(message.delims.repetition)[0]
+    value = _drill(message, first, flt.component, None)
+    return isinstance(value, str) and message.unescape(value) == flt.equals
 
 
 def _component(message: Message, rep: str, flt: Filter) -> str | None:
@@ -177,5 +220,5 @@ def _first_bad_column(text: str) -> int:
 
 
 _PREFIX = re.compile(
-    r"^/?[A-Z][A-Z0-9]{0,2}(\[(\*|[0-9]*)\]?)?(-[0-9]*(\[[^\]]*\]?)?(\.[0-9]*(\.[0-9]*)?)?)?$"
+    r"^/?[A-Z][A-Z0-9]{0,2}(\[(\*|[0-9.]*(=[^\]]*)?)\]?)?(-[0-9]*(\[[^\]]*\]?)?(\.[0-9]*(\.[0-9]*)?)?)?$"
 )

@@ -1,0 +1,82 @@
+"""``refloop mappings check|test|schema``: the analyst's loop, without a running daemon."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from engine.mapping.fixtures import case_files, run_cases
+from engine.mapping.mapset import MappingSet, MappingSetError, load_mapping_set
+from engine.mapping.schema import SCHEMAS, render
+
+_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+def _load(directory: Path) -> MappingSet:
+    try:
+        return load_mapping_set(directory)
+    except MappingSetError as exc:
+        for err in exc.errors:
+            click.echo(f"{err.file}:{err.line}:{err.column}: error: {err.message}", err=True)
+        n = len(exc.errors)
+        raise click.ClickException(
+            f"{n} error{'s' if n != 1 else ''} in {directory}; nothing was loaded"
+        ) from None
+
+
+@click.group("mappings")
+def mappings() -> None:
+    """Validate and test the YAML mappings (no database needed)."""
+
+
+@mappings.command("check")
+@click.argument("directory", type=_DIR, default=Path("mappings"))
+def check(directory: Path) -> None:
+    """Validate every mapping and value set under DIRECTORY (default ./mappings).
+
+    Errors are printed as file:line:column; the exit status is 1 if there is any.
+    """
+    mapset = _load(directory)
+    overlays = ", ".join(sorted(mapset.overlays)) or "none"
+    tables = sum(len(v) for v in mapset.valuesets.values())
+    click.echo(
+        f"ok: {len(mapset.mappings)} mappings, {tables} value sets, overlays: {overlays} "
+        f"(digest {mapset.digest})"
+    )
+
+
+@mappings.command("test")
+@click.argument("directory", type=_DIR, default=Path("mappings"))
+@click.option("-k", "name_filter", default="", help="Only cases whose name contains this text.")
+@click.option("-v", "--verbose", is_flag=True, help="List passing cases too.")
+@click.option("--coverage", is_flag=True, help="List rules no case exercises.")
+def test(directory: Path, name_filter: str, verbose: bool, coverage: bool) -> None:
+    """Run the fixtures (*.cases.yaml) under DIRECTORY against its mappings."""
+    mapset = _load(directory)
+    run = run_cases(mapset, case_files(directory), name_filter=name_filter)
+    for result in run.results:
+        if verbose or not result.ok:
+            click.echo(result.report())
+    if coverage:
+        for mapping in mapset.mappings:
+            unfired = [r.id for r in mapping.rules if r.id not in run.fired.get(mapping.id, set())]
+            if unfired:
+                click.echo(f"coverage: {mapping.id}: no case exercises {', '.join(unfired)}")
+    failed = len(run.failed)
+    total = len(run.results)
+    click.echo(f"{total - failed} passed, {failed} failed")
+    if failed or not total:
+        sys.exit(1)
+
+
+@mappings.command("schema")
+@click.argument("directory", type=_DIR, default=Path("mappings"))
+def schema(directory: Path) -> None:
+    """Write the JSON Schemas for editor completion to DIRECTORY/_schema/."""
+    out = directory / "_schema"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SCHEMAS:
+        (out / name).write_text(render(name), encoding="utf-8")
+        click.echo(f"wrote {out / name}")

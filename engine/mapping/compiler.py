@@ -1,0 +1,701 @@
+"""Analysts' YAML → compiled :mod:`engine.mapping.plan`, refusing anything doubtful.
+
+Every problem is a :class:`SourceError` at the exact node, phrased as what was expected
+and, for a misspelt key, what was probably meant. Checks made here (the rest of the
+language is closed by construction):
+
+* structure: known keys only, one value source per spec, types of every option;
+* paths: the 1-based grammar, ``[*]`` only where a list is consumed (``join``,
+  ``count``), and no plain read of a composite field whose datatype is known;
+* events: ``emit`` is in the canonical catalogue, every field exists on that event with
+  a compatible reader, the catalogue's required fields are covered, and a rule reads at
+  least one path (a constant alone never makes an event);
+* value sets: referenced ids exist, right-hand sides are text, no two codes collide
+  after case folding.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import zoneinfo
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+from engine.domain.events import CATALOGUE, FieldType
+from engine.domain.referral import Event
+from engine.mapping import plan as p
+from engine.mapping.source import Document, KeyPath, SourceError
+from engine.protocol.hl7path import Path, PathError, parse_path
+from engine.protocol.hl7types import COMPOSITES, field_type
+
+MAPPING_SCHEMA = "referral-mapping/v1"
+VALUESET_SCHEMA = "referral-valueset/v1"
+
+MAPPING_KEYS = ("schema", "id", "title", "match", "defaults", "segments", "field_sets", "rules")
+MATCH_KEYS = ("message_type", "when")
+DEFAULTS_KEYS = ("timezone", "on_no_match", "rules")
+SEGMENTS_KEYS = ("ignore", "strict")
+RULE_KEYS = ("id", "emit", "foreach", "when", "use", "fields", "reason")
+SOURCES = ("path", "const", "first_of", "concat", "join", "count")
+MODIFIERS = ("as", "map", "on_unmapped", "transform", "default", "required", "on_null", "sep")
+CONDITIONS = ("present", "absent", "is_null", "path", "count", "all", "any", "not")
+CONDITION_OPTIONS = ("map",)
+COMPARISONS = ("equals", "in", "starts_with", "in_valueset")
+COUNT_OPS = ("eq", "gte", "lte", "gt", "lt")
+TRANSFORMS = ("trim", "upper", "lower", "digits", "truncate", "replace", "add_minutes", "tz")
+VALUESET_KEYS = ("schema", "id", "description", "target", "case_sensitive", "on_unmapped", "map")
+IGNORE = "ignore"
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
+_SEGMENT = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+_MESSAGE_TYPE = re.compile(r"^(\*|[A-Z][A-Z0-9]{2})(\^(\*|[A-Z0-9]{3}))?$")
+
+#: Which readers may feed which canonical field type.
+COMPATIBLE: dict[FieldType, frozenset[p.Reader]] = {
+    FieldType.TEXT: frozenset({p.Reader.STRING}),
+    FieldType.CODE: frozenset({p.Reader.STRING}),
+    FieldType.DATETIME: frozenset({p.Reader.DATETIME}),
+    FieldType.DATE: frozenset({p.Reader.DATE}),
+    FieldType.INT: frozenset({p.Reader.INT}),
+    FieldType.IDENTIFIER: frozenset({p.Reader.IDENTIFIER}),
+    FieldType.CODING: frozenset({p.Reader.CODING}),
+    FieldType.NAME: frozenset({p.Reader.PERSON_NAME}),
+}
+_READER_FOR = {
+    FieldType.DATETIME: "datetime",
+    FieldType.DATE: "date",
+    FieldType.INT: "int",
+    FieldType.IDENTIFIER: "identifier",
+    FieldType.CODING: "coding",
+    FieldType.NAME: "person_name",
+}
+
+
+T = TypeVar("T")
+
+
+class _Abandon(Exception):
+    """Stop compiling the current unit; its error is already recorded."""
+
+
+class Compiler:
+    """Compiles one document; collects every error instead of stopping at the first."""
+
+    def __init__(self, doc: Document, overlay: str | None, valuesets: frozenset[str]) -> None:
+        self.doc = doc
+        self.overlay = overlay
+        self.valuesets = valuesets
+        self.errors: list[SourceError] = []
+        self.segments: set[str] = set()
+        self.field_sets: dict[str, dict[str, tuple[p.Spec, KeyPath]]] = {}
+
+    # ---- error helpers ------------------------------------------------------------
+
+    def fail(self, at: KeyPath, message: str) -> NoReturn:
+        self.errors.append(self.doc.error(at, message))
+        raise _Abandon
+
+    def report(self, at: KeyPath, message: str) -> None:
+        """Record an error and carry on with the current unit."""
+        self.errors.append(self.doc.error(at, message))
+
+    def where(self, at: KeyPath) -> str:
+        err = self.doc.error(at, "")
+        return f"{err.file}:{err.line}:{err.column}"
+
+    def attempt(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """Compile one unit; its error is recorded and the rest of the file goes on."""
+        try:
+            return fn(*args)
+        except _Abandon:
+            return None
+
+    def mapping_of(self, value: Any, at: KeyPath, what: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(at, f"{what} must be a mapping of keys to values")
+        return value
+
+    def list_of(self, value: Any, at: KeyPath, what: str) -> list[Any]:
+        if not isinstance(value, list):
+            self.fail(at, f"{what} must be a list (one `- item` per line)")
+        return value
+
+    def text(self, value: Any, at: KeyPath, what: str) -> str:
+        if not isinstance(value, str) or value == "":
+            self.fail(at, f"{what} must be text")
+        return value
+
+    def flag(self, value: Any, at: KeyPath, what: str) -> bool:
+        if value in ("true", "false"):
+            return bool(value == "true")
+        return self.fail(at, f"{what} must be true or false")
+
+    def integer(self, value: Any, at: KeyPath, what: str) -> int:
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+        return self.fail(at, f"{what} must be a whole number")
+
+    def choice(self, value: Any, at: KeyPath, what: str, options: tuple[str, ...]) -> str:
+        if value not in options:
+            self.fail(at, f"{what} must be one of {', '.join(options)}{_hint(value, options)}")
+        return str(value)
+
+    def known_keys(self, data: dict[str, Any], at: KeyPath, allowed: tuple[str, ...]) -> None:
+        for key in data:
+            if key not in allowed:
+                self.fail(
+                    (*at, key),
+                    f"unknown key {key!r}{_hint(key, allowed)}; expected one of "
+                    f"{', '.join(allowed)}",
+                )
+
+    # ---- paths ----------------------------------------------------------------------
+
+    def path(self, value: Any, at: KeyPath, *, many: bool = False, plain: bool = False) -> Path:
+        text = self.text(value, at, "a path")
+        try:
+            path = parse_path(text)
+        except PathError as exc:
+            self.fail(at, f"{exc.reason} in path {text!r} (character {exc.column})")
+        if path.many and not many:
+            self.fail(
+                at,
+                f"{text!r} selects a list ([*]); only join, count and conditions over "
+                "counts take lists — pick one occurrence, e.g. [1]",
+            )
+        if plain and path.field is not None and path.component is None:
+            kind = field_type(path.segment, path.field)
+            if kind in COMPOSITES:
+                self.fail(
+                    at,
+                    f"{text!r} is {kind}, a composite; a plain read needs a component "
+                    f"(e.g. {text}.1) or a typed reader (as: identifier | coding | "
+                    "person_name | datetime | date)",
+                )
+        self.segments.add(path.segment)
+        return path
+
+    # ---- value specs ----------------------------------------------------------------
+
+    def spec(self, value: Any, at: KeyPath) -> p.Spec:
+        where = self.where(at)
+        if isinstance(value, str):
+            return p.Spec(p.Read(self.path(value, at, plain=True)), where=where)
+        data = self.mapping_of(value, at, "a value")
+        self.known_keys(data, at, SOURCES + MODIFIERS)
+        sources = [k for k in SOURCES if k in data]
+        if len(sources) != 1:
+            self.fail(
+                at,
+                "a value needs exactly one source: path, const, first_of, concat, join or "
+                f"count (found {', '.join(sources) or 'none'})",
+            )
+        kind = sources[0]
+        reader = p.Reader.STRING
+        if "as" in data:
+            reader = p.Reader(
+                self.choice(data["as"], (*at, "as"), "as", tuple(r.value for r in p.Reader))
+            )
+        source = self.source(kind, data, at, reader)
+        if "sep" in data and kind not in ("concat", "join"):
+            self.fail((*at, "sep"), "sep only goes with concat or join")
+        valueset = None
+        if "map" in data:
+            valueset = self.valueset_ref(data["map"], (*at, "map"))
+            if reader is not p.Reader.STRING:
+                self.fail((*at, "map"), "map translates codes: use it on a plain (string) read")
+        on_unmapped = None
+        if "on_unmapped" in data:
+            if valueset is None:
+                self.fail((*at, "on_unmapped"), "on_unmapped only goes with map")
+            on_unmapped = p.OnUnmapped(
+                self.choice(
+                    data["on_unmapped"],
+                    (*at, "on_unmapped"),
+                    "on_unmapped",
+                    tuple(o.value for o in p.OnUnmapped),
+                )
+            )
+        transforms = tuple(
+            self.transform(t, (*at, "transform", i))
+            for i, t in enumerate(
+                self.list_of(data.get("transform", []), (*at, "transform"), "transform")
+            )
+        )
+        default = None
+        if "default" in data:
+            default = self.text(data["default"], (*at, "default"), "default")
+        required = (
+            self.flag(data["required"], (*at, "required"), "required")
+            if "required" in data
+            else False
+        )
+        on_null_clear = True
+        if "on_null" in data:
+            on_null_clear = (
+                self.choice(data["on_null"], (*at, "on_null"), "on_null", ("clear", "ignore"))
+                == "clear"
+            )
+        return p.Spec(
+            source,
+            reader,
+            valueset,
+            on_unmapped,
+            transforms,
+            default,
+            required,
+            on_null_clear,
+            where,
+        )
+
+    def source(self, kind: str, data: dict[str, Any], at: KeyPath, reader: p.Reader) -> p.Source:
+        value = data[kind]
+        here = (*at, kind)
+        if kind == "path":
+            return p.Read(self.path(value, here, plain=reader is p.Reader.STRING))
+        if kind == "const":
+            if reader is not p.Reader.STRING:
+                self.fail(here, "a const is text; typed readers (as:) read message paths")
+            return p.Const(self.text(value, here, "const"))
+        if kind == "first_of":
+            items = self.list_of(value, here, "first_of")
+            if not items:
+                self.fail(here, "first_of needs at least one alternative")
+            alternatives = []
+            for i, item in enumerate(items):
+                item_at = (*here, i)
+                if isinstance(item, dict) and "when" in item:
+                    self.known_keys(item, item_at, ("when", "value"))
+                    if "value" not in item:
+                        self.fail(item_at, "an alternative with `when` needs a `value`")
+                    cond = self.condition(item["when"], (*item_at, "when"))
+                    spec = self.spec(item["value"], (*item_at, "value"))
+                    alternatives.append(p.Alternative(cond, spec))
+                else:
+                    alternatives.append(p.Alternative(None, self.spec(item, item_at)))
+            return p.FirstOf(tuple(alternatives))
+        if kind == "concat":
+            items = self.list_of(value, here, "concat")
+            parts = tuple(self.spec(item, (*here, i)) for i, item in enumerate(items))
+            return p.Concat(parts, _sep(data))
+        if kind == "join":
+            return p.Join(self.path(value, here, many=True), _sep(data))
+        return p.Count(self.path(value, here, many=True))
+
+    def transform(self, value: Any, at: KeyPath) -> p.Transform:
+        if isinstance(value, str):
+            if value not in ("trim", "upper", "lower", "digits"):
+                self.fail(
+                    at,
+                    f"unknown transform {value!r}{_hint(value, TRANSFORMS)}; "
+                    f"expected one of {', '.join(TRANSFORMS)}",
+                )
+            return p.Transform(value)
+        data = self.mapping_of(value, at, "a transform")
+        if len(data) != 1:
+            self.fail(at, "a transform with an argument is one key, e.g. {truncate: 20}")
+        name, arg = next(iter(data.items()))
+        here = (*at, name)
+        if name == "truncate":
+            return p.Transform(name, number=self.integer(arg, here, "truncate"))
+        if name == "replace":
+            args = self.mapping_of(arg, here, "replace")
+            self.known_keys(args, here, ("from", "to"))
+            old = self.text(args.get("from"), (*here, "from"), "replace.from")
+            return p.Transform(name, old=old, new=args.get("to") or "")
+        if name == "add_minutes":
+            return p.Transform(name, minutes=self.spec(arg, here))
+        if name == "tz":
+            return p.Transform(name, zone=self.zone(arg, here))
+        return self.fail(
+            here,
+            f"unknown transform {name!r}{_hint(name, TRANSFORMS)}; expected one of "
+            f"{', '.join(TRANSFORMS)}",
+        )
+
+    def zone(self, value: Any, at: KeyPath) -> zoneinfo.ZoneInfo:
+        name = self.text(value, at, "a time zone")
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            self.fail(at, f"unknown time zone {name!r}; use an IANA name like America/Chicago")
+
+    def valueset_ref(self, value: Any, at: KeyPath) -> str:
+        name = self.text(value, at, "a value set id")
+        if name not in self.valuesets:
+            self.fail(
+                at,
+                f"no value set {name!r}{_hint(name, tuple(self.valuesets))} (value sets "
+                "live in valuesets/ folders)",
+            )
+        return name
+
+    # ---- conditions -----------------------------------------------------------------
+
+    def condition(self, value: Any, at: KeyPath) -> p.Condition:
+        data = self.mapping_of(value, at, "a condition")
+        self.known_keys(data, at, CONDITIONS + COMPARISONS + COUNT_OPS + CONDITION_OPTIONS)
+        heads = [k for k in CONDITIONS if k in data]
+        if len(heads) != 1:
+            self.fail(
+                at,
+                "a condition starts with exactly one of present, absent, is_null, path, "
+                f"count, all, any, not (found {', '.join(heads) or 'none'})",
+            )
+        head = heads[0]
+        here = (*at, head)
+        if head in ("present", "absent", "is_null"):
+            self._only(data, at, (head,))
+            path = self.path(data[head], here, plain=False)
+            if head == "present":
+                return p.Present(path)
+            return p.Absent(path) if head == "absent" else p.IsNull(path)
+        if head in ("all", "any"):
+            self._only(data, at, (head,))
+            items = self.list_of(data[head], here, head)
+            conds = tuple(self.condition(c, (*here, i)) for i, c in enumerate(items))
+            return p.AllOf(conds) if head == "all" else p.AnyOf(conds)
+        if head == "not":
+            self._only(data, at, ("not",))
+            return p.Not(self.condition(data["not"], here))
+        if head == "count":
+            ops = [k for k in COUNT_OPS if k in data]
+            if len(ops) != 1:
+                self.fail(at, "count needs exactly one of eq, gte, lte, gt, lt")
+            self._only(data, at, ("count", ops[0]))
+            path = self.path(data["count"], here, many=True)
+            return p.CountIs(path, ops[0], self.integer(data[ops[0]], (*at, ops[0]), ops[0]))
+        ops = [k for k in COMPARISONS if k in data]
+        if len(ops) != 1:
+            self.fail(at, "path needs exactly one of equals, in, starts_with, in_valueset")
+        op = ops[0]
+        self._only(data, at, ("path", op, "map"))
+        path = self.path(data["path"], here, plain=True)
+        translate = self.valueset_ref(data["map"], (*at, "map")) if "map" in data else ""
+        if op == "in_valueset":
+            if translate:
+                self.fail((*at, "map"), "in_valueset already looks the code up; drop map")
+            return p.Compare(path, op, valueset=self.valueset_ref(data[op], (*at, op)))
+        if op == "in":
+            items = self.list_of(data[op], (*at, op), "in")
+            values = tuple(self.text(v, (*at, op, i), "a code") for i, v in enumerate(items))
+            return p.Compare(path, op, values, translate=translate)
+        return p.Compare(path, op, (self.text(data[op], (*at, op), op),), translate=translate)
+
+    def _only(self, data: dict[str, Any], at: KeyPath, keys: tuple[str, ...]) -> None:
+        for key in data:
+            if key not in keys:
+                self.fail((*at, key), f"{key!r} does not go with {keys[0]!r} in one condition")
+
+    # ---- the mapping file -----------------------------------------------------------
+
+    def mapping(self) -> p.Mapping | None:
+        try:
+            return self._mapping()
+        except _Abandon:
+            return None
+
+    def _mapping(self) -> p.Mapping:
+        data = self.mapping_of(self.doc.data, (), "a mapping file")
+        self.known_keys(data, (), MAPPING_KEYS)
+        for key in ("id", "match", "defaults", "rules"):
+            if key not in data:
+                self.fail((), f"a mapping needs {key!r}")
+        mapping_id = self.text(data["id"], ("id",), "id")
+        if not _ID.match(mapping_id):
+            self.fail(("id",), "an id is lower-case letters, digits, '.', '_' or '-'")
+        match = self.mapping_of(data["match"], ("match",), "match")
+        self.known_keys(match, ("match",), MATCH_KEYS)
+        types = self.message_types(match.get("message_type"), ("match", "message_type"))
+        when = (
+            self.attempt(self.condition, match["when"], ("match", "when"))
+            if "when" in match
+            else None
+        )
+        defaults = self.mapping_of(data["defaults"], ("defaults",), "defaults")
+        self.known_keys(defaults, ("defaults",), DEFAULTS_KEYS)
+        if "timezone" not in defaults:
+            self.fail(
+                ("defaults",),
+                "defaults.timezone is required: the zone of timestamps sent "
+                "without an offset (e.g. America/Chicago)",
+            )
+        tz_name = self.text(defaults["timezone"], ("defaults", "timezone"), "timezone")
+        tz = self.zone(tz_name, ("defaults", "timezone"))
+        on_no_match = p.OnNoMatch(
+            self.choice(
+                defaults.get("on_no_match", "error"),
+                ("defaults", "on_no_match"),
+                "on_no_match",
+                tuple(o.value for o in p.OnNoMatch),
+            )
+        )
+        first_match = (
+            self.choice(
+                defaults.get("rules", "all"), ("defaults", "rules"), "rules", ("all", "first")
+            )
+            == "first"
+        )
+        ignore: frozenset[str] = frozenset()
+        strict = False
+        if "segments" in data:
+            segs = self.mapping_of(data["segments"], ("segments",), "segments")
+            self.known_keys(segs, ("segments",), SEGMENTS_KEYS)
+            names = self.list_of(segs.get("ignore", []), ("segments", "ignore"), "ignore")
+            for i, name in enumerate(names):
+                if not isinstance(name, str) or not _SEGMENT.match(name):
+                    self.fail(("segments", "ignore", i), "a segment name like PV1 or ZPI")
+            ignore = frozenset(names)
+            if "strict" in segs:
+                strict = self.flag(segs["strict"], ("segments", "strict"), "strict")
+        for name, fields in self.mapping_of(
+            data.get("field_sets", {}), ("field_sets",), "field_sets"
+        ).items():
+            self.attempt(self.field_set, name, fields)
+        rules_data = self.list_of(data["rules"], ("rules",), "rules")
+        if not rules_data:
+            self.fail(("rules",), "a mapping needs at least one rule")
+        rules = []
+        seen: dict[str, int] = {}
+        for i, rule_data in enumerate(rules_data):
+            rule = self.attempt(self.rule, rule_data, ("rules", i))
+            if rule is None:
+                continue
+            if rule.id in seen:
+                self.report(
+                    ("rules", i, "id"),
+                    f"rule id {rule.id!r} is already used by rule {seen[rule.id] + 1}",
+                )
+            seen[rule.id] = i
+            rules.append(rule)
+        if self.errors:
+            raise _Abandon
+        return p.Mapping(
+            id=mapping_id,
+            file=self.doc.file,
+            title=str(data.get("title") or ""),
+            overlay=self.overlay,
+            message_types=types,
+            when=when,
+            timezone=tz,
+            timezone_name=tz_name,
+            on_no_match=on_no_match,
+            ignore_segments=ignore,
+            read_segments=frozenset(self.segments),
+            rules=tuple(rules),
+            strict_coverage=strict,
+            first_match=first_match,
+        )
+
+    def message_types(self, value: Any, at: KeyPath) -> tuple[p.MessageType, ...]:
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for i, item in enumerate(items):
+            here = (*at, i) if isinstance(value, list) else at
+            text = self.text(item, here, "match.message_type")
+            if not _MESSAGE_TYPE.match(text):
+                self.fail(here, "a message type is MSH-9.1^MSH-9.2 like ORM^O01, SIU^* or ADT")
+            code, _, trigger = text.partition("^")
+            out.append(p.MessageType(code, trigger or "*"))
+        return tuple(out)
+
+    def field_set(self, name: str, value: Any) -> None:
+        at: KeyPath = ("field_sets", name)
+        fields = self.mapping_of(value, at, f"field set {name!r}")
+        compiled = {}
+        for key, spec in fields.items():
+            done = self.attempt(self.spec, spec, (*at, key))
+            if done is not None:
+                compiled[key] = (done, (*at, key))
+        self.field_sets[name] = compiled
+
+    def rule(self, value: Any, at: KeyPath) -> p.Rule:
+        data = self.mapping_of(value, at, "a rule")
+        self.known_keys(data, at, RULE_KEYS)
+        for key in ("id", "emit"):
+            if key not in data:
+                self.fail(at, f"a rule needs {key!r}")
+        rule_id = self.text(data["id"], (*at, "id"), "id")
+        if not _ID.match(rule_id):
+            self.fail((*at, "id"), "a rule id is lower-case letters, digits, '.', '_' or '-'")
+        emit_text = self.text(data["emit"], (*at, "emit"), "emit")
+        events = tuple(e.value for e in Event)
+        if emit_text != IGNORE and emit_text not in events:
+            self.fail(
+                (*at, "emit"),
+                f"unknown event {emit_text!r}{_hint(emit_text, events)}; "
+                "expected a canonical event (see README) or `ignore`",
+            )
+        emit = None if emit_text == IGNORE else Event(emit_text)
+        foreach: tuple[str, ...] = ()
+        if "foreach" in data:
+            raw = data["foreach"]
+            names = raw if isinstance(raw, list) else [raw]
+            for i, name in enumerate(names):
+                if not isinstance(name, str) or not _SEGMENT.match(name):
+                    here = (*at, "foreach", i) if isinstance(raw, list) else (*at, "foreach")
+                    self.fail(
+                        here, "foreach names the segment(s) that start each instance, e.g. ORC"
+                    )
+            foreach = tuple(names)
+            self.segments.update(foreach)
+        when = self.condition(data["when"], (*at, "when")) if "when" in data else None
+        fields: dict[str, tuple[p.Spec, KeyPath]] = {}
+        for i, name in enumerate(self.list_of(data.get("use", []), (*at, "use"), "use")):
+            if name not in self.field_sets:
+                self.fail(
+                    (*at, "use", i), f"no field set {name!r}{_hint(name, tuple(self.field_sets))}"
+                )
+            fields.update(self.field_sets[name])
+        own = self.mapping_of(data.get("fields", {}), (*at, "fields"), "fields")
+        for key, spec in own.items():
+            done = self.attempt(self.spec, spec, (*at, "fields", key))
+            if done is not None:
+                fields[key] = (done, (*at, "fields", key))
+        reason = str(data.get("reason") or "")
+        if emit is None:
+            if fields:
+                self.fail((*at, "fields"), "an ignore rule emits nothing, so it takes no fields")
+            if when is None and not foreach:
+                pass  # a catch-all ignore (e.g. every ADT) is legitimate
+            return p.Rule(rule_id, None, foreach, when, (), reason, self.where(at))
+        self.check_fields(emit, fields, at)
+        if when is None and not any(_reads(spec) for spec, _ in fields.values()):
+            self.fail(at, "a rule must read the message (a constant alone never makes an event)")
+        return p.Rule(
+            rule_id,
+            emit,
+            foreach,
+            when,
+            tuple((k, s) for k, (s, _) in fields.items()),
+            reason,
+            self.where(at),
+        )
+
+    def check_fields(
+        self, emit: Event, fields: dict[str, tuple[p.Spec, KeyPath]], at: KeyPath
+    ) -> None:
+        spec_of = CATALOGUE[emit]
+        for name, (spec, here) in fields.items():
+            kind = spec_of.fields.get(name)
+            if kind is None:
+                hint = _hint(name, tuple(spec_of.fields))
+                self.report(here, f"{emit.value} has no field {name!r}{hint}")
+                continue
+            produced = _produces(spec)
+            if produced is not None and produced not in COMPATIBLE[kind]:
+                wanted = _READER_FOR.get(kind, "string")
+                self.report(
+                    here,
+                    f"{name} is a {kind.value}; read it with `as: {wanted}` "
+                    f"(this value gives {produced.value})",
+                )
+        for name in sorted(spec_of.required):
+            entry = fields.get(name)
+            if entry is None or not (entry[0].required or entry[0].default is not None):
+                self.report(
+                    (*at, "fields"),
+                    f"{emit.value} requires {name!r}: give it a spec with "
+                    "`required: true` (or a default)",
+                )
+        if not any(name.startswith("correlate.") for name in fields):
+            self.report(
+                (*at, "fields"),
+                "every event needs a correlation key: at least one of "
+                "correlate.referral_id, correlate.placer_order, correlate.filler_order, "
+                "correlate.appointment",
+            )
+
+    # ---- value sets -----------------------------------------------------------------
+
+    def valueset(self) -> p.ValueSet | None:
+        try:
+            return self._valueset()
+        except _Abandon:
+            return None
+
+    def _valueset(self) -> p.ValueSet:
+        data = self.mapping_of(self.doc.data, (), "a value set file")
+        self.known_keys(data, (), VALUESET_KEYS)
+        for key in ("id", "map"):
+            if key not in data:
+                self.fail((), f"a value set needs {key!r}")
+        vs_id = self.text(data["id"], ("id",), "id")
+        if not _ID.match(vs_id):
+            self.fail(("id",), "an id is lower-case letters, digits, '.', '_' or '-'")
+        case_sensitive = (
+            self.flag(data["case_sensitive"], ("case_sensitive",), "case_sensitive")
+            if "case_sensitive" in data
+            else True
+        )
+        on_unmapped = p.OnUnmapped(
+            self.choice(
+                data.get("on_unmapped", "error"),
+                ("on_unmapped",),
+                "on_unmapped",
+                tuple(o.value for o in p.OnUnmapped),
+            )
+        )
+        entries: dict[str, str] = {}
+        first: dict[str, str] = {}
+        for code, target in self.mapping_of(data["map"], ("map",), "map").items():
+            here: KeyPath = ("map", code)
+            self.text(target, here, f"the translation of {code!r}")
+            key = code if case_sensitive else code.casefold()
+            if key in entries:
+                self.fail(
+                    here, f"code {code!r} collides with {first[key]!r} (case_sensitive is false)"
+                )
+            entries[key] = target
+            first[key] = code
+        return p.ValueSet(vs_id, self.doc.file, self.overlay, case_sensitive, on_unmapped, entries)
+
+
+def _sep(data: dict[str, Any]) -> str:
+    sep = data.get("sep")
+    return ", " if sep is None else str(sep).replace("\\n", "\n")
+
+
+def _hint(value: Any, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _produces(spec: p.Spec) -> p.Reader | None:
+    """The reader whose type this spec yields (None when it cannot be told statically)."""
+    src = spec.source
+    if isinstance(src, p.FirstOf):
+        kinds = {_produces(a.spec) for a in src.alternatives}
+        return kinds.pop() if len(kinds) == 1 else None
+    if isinstance(src, p.Count):
+        return p.Reader.INT
+    if isinstance(src, (p.Concat, p.Join, p.Const)):
+        return p.Reader.STRING
+    return spec.reader
+
+
+def _reads(spec: p.Spec) -> bool:
+    src = spec.source
+    if isinstance(src, (p.Read, p.Join, p.Count)):
+        return True
+    if isinstance(src, p.FirstOf):
+        return any(_reads(a.spec) or a.when is not None for a in src.alternatives)
+    if isinstance(src, p.Concat):
+        return any(_reads(s) for s in src.parts)
+    return False
+
+
+def walk_paths(spec: p.Spec) -> Iterator[Path]:
+    """Every path a spec reads (for coverage reports)."""
+    src = spec.source
+    if isinstance(src, (p.Read, p.Join, p.Count)):
+        yield src.path
+    elif isinstance(src, p.FirstOf):
+        for alt in src.alternatives:
+            yield from walk_paths(alt.spec)
+    elif isinstance(src, p.Concat):
+        for part in src.parts:
+            yield from walk_paths(part)

@@ -1,0 +1,451 @@
+"""Walk a compiled mapping over one message and produce canonical events (pure).
+
+Evaluation is all-or-nothing: any error diagnostic (a required value missing, a code
+a strict value set does not know, an event without a correlation key) discards every
+event of the message and makes it a ``mapping_error``, so a half-mapped message never
+moves a referral. Warnings and notes travel with the result either way.
+
+Rules run in file order; every rule that fires emits, unless the mapping says
+``defaults.rules: first`` — then a message (or ``foreach`` instance) takes the first rule
+that fires, like a switch. An ``ignore`` rule that fires for the whole message stops
+evaluation (cheap recognition of non-referral traffic); one that fires inside a
+``foreach`` instance hides that instance from the rules after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from engine.domain.events import (
+    CATALOGUE,
+    CLEAR,
+    CORRELATE,
+    CanonicalEvent,
+    Diagnostic,
+    Normalised,
+    Outcome,
+)
+from engine.mapping import plan as p
+from engine.mapping.readers import Assumed, BadValue, apply_transform, read_as
+from engine.protocol.hl7message import ABSENT, NULL, Message, Segment, Value
+from engine.protocol.hl7path import Path, parse_path, read
+
+MSH_7 = parse_path("/MSH-7")
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    mapping_id: str
+    mapping_digest: str
+
+
+class _Nothing:
+    """No value: absent, or nulled when ``null`` is set."""
+
+    __slots__ = ("null",)
+
+    def __init__(self, null: bool = False) -> None:
+        self.null = null
+
+
+MISSING = _Nothing()
+NULLED = _Nothing(null=True)
+
+
+class _Run:
+    """The state of one evaluation: message, current scope and findings."""
+
+    def __init__(
+        self, mapping: p.Mapping, message: Message, valuesets: Mapping[str, p.ValueSet]
+    ) -> None:
+        self.mapping = mapping
+        self.message = message
+        self.valuesets = valuesets
+        self.scope: Sequence[Segment] | None = None
+        self.diagnostics: list[Diagnostic] = []
+        self.rule = ""
+        self.field = ""
+        self.failed = False
+
+    def note(self, code: str, message: str, *, path: str = "", severity: str = "error") -> None:
+        if severity == "error":
+            self.failed = True
+        self.diagnostics.append(Diagnostic(code, message, self.rule, self.field, path, severity))
+
+    # ---- reading ------------------------------------------------------------------
+
+    def raw(self, path: Path) -> Value | list[Value]:
+        return read(self.message, path, self.scope)
+
+    def value(self, spec: p.Spec) -> Any:
+        got = self.source(spec)
+        if isinstance(got, _Nothing) and got.null:
+            got = CLEAR if spec.on_null_clear else MISSING
+        if not isinstance(got, _Nothing) and got is not CLEAR:
+            got = self.transform(spec, got)
+            if spec.valueset is not None and isinstance(got, str):
+                got = self.translate(spec, got)
+        if isinstance(got, _Nothing) and spec.default is not None:
+            got = spec.default
+            self.note(
+                "default_used", f"default {spec.default!r} used ({spec.where})", severity="info"
+            )
+        if spec.required and (isinstance(got, _Nothing) or got is CLEAR):
+            where = _source_text(spec)
+            self.note(
+                "required_value_missing",
+                f"{self.field or 'a required value'} is required but {where or 'its source'} "
+                f"has no value ({spec.where})",
+                path=where,
+            )
+        return got
+
+    def source(self, spec: p.Spec) -> Any:
+        src = spec.source
+        if isinstance(src, p.Read):
+            raw = self.raw(src.path)
+            if raw is ABSENT:
+                return MISSING
+            if raw is NULL:
+                return NULLED
+            assert isinstance(raw, str)
+            return self.typed(spec, raw, src.path)
+        if isinstance(src, p.Const):
+            return src.value
+        if isinstance(src, p.FirstOf):
+            nulled = False
+            for alt in src.alternatives:
+                if alt.when is not None and not self.holds(alt.when):
+                    continue
+                got = self.value(alt.spec)
+                if got is CLEAR:
+                    nulled = True
+                    continue
+                if not isinstance(got, _Nothing):
+                    return got
+                nulled = nulled or got.null
+            return NULLED if nulled else MISSING
+        if isinstance(src, p.Concat):
+            texts = [v for v in (self.value(part) for part in src.parts) if isinstance(v, str)]
+            texts = [t for t in texts if t]
+            return src.sep.join(texts) if texts else MISSING
+        if isinstance(src, p.Join):
+            values = self.raw(src.path)
+            items = values if isinstance(values, list) else [values]
+            texts = [self.message.unescape(v).strip() for v in items if isinstance(v, str)]
+            texts = [t for t in texts if t]
+            return src.sep.join(texts) if texts else MISSING
+        values = self.raw(src.path)
+        items = values if isinstance(values, list) else [values]
+        return sum(1 for v in items if isinstance(v, str))
+
+    def typed(self, spec: p.Spec, raw: str, path: Path) -> Any:
+        assumed = Assumed()
+        try:
+            got = read_as(spec.reader, raw, path, self.message, self.mapping.timezone, assumed)
+        except BadValue as exc:
+            self.note(
+                "invalid_value",
+                f"{path.text} is not a valid {spec.reader.value}: {exc}",
+                path=path.text,
+                severity="warning",
+            )
+            return MISSING
+        if assumed.zone:
+            self.note(
+                "timezone_assumed",
+                f"{path.text} has no UTC offset; {self.mapping.timezone_name} assumed",
+                path=path.text,
+                severity="info",
+            )
+        return MISSING if got is None or got == "" else got
+
+    def transform(self, spec: p.Spec, got: Any) -> Any:
+        for t in spec.transforms:
+            minutes = None
+            if t.minutes is not None:
+                n = self.value(t.minutes)
+                minutes = n if isinstance(n, int) else None
+            try:
+                got = apply_transform(t, got, minutes)
+            except BadValue as exc:
+                self.note("invalid_value", f"transform {t.name}: {exc} ({spec.where})")
+                return MISSING
+        return MISSING if got == "" else got
+
+    def translate(self, spec: p.Spec, code: str) -> Any:
+        assert spec.valueset is not None
+        vs = self.valuesets[spec.valueset]
+        hit = vs.lookup(code)
+        if hit is not None:
+            return hit
+        policy = spec.on_unmapped or vs.on_unmapped
+        where = _source_text(spec)
+        text = f"code {code!r} is not in value set {vs.id!r} ({vs.file})"
+        if policy is p.OnUnmapped.ERROR:
+            self.note("unmapped_code", text, path=where)
+            return MISSING
+        self.note("unmapped_code", text, path=where, severity="warning")
+        return code if policy is p.OnUnmapped.PASSTHROUGH else MISSING
+
+    # ---- conditions ---------------------------------------------------------------
+
+    def holds(self, cond: p.Condition) -> bool:
+        if isinstance(cond, p.Present):
+            return _any_value(self.raw(cond.path))
+        if isinstance(cond, p.Absent):
+            raw = self.raw(cond.path)
+            return raw is ABSENT or (isinstance(raw, list) and not raw)
+        if isinstance(cond, p.IsNull):
+            return self.raw(cond.path) is NULL
+        if isinstance(cond, p.Compare):
+            raw = self.raw(cond.path)
+            if not isinstance(raw, str):
+                return False
+            text: str | None = self.message.unescape(raw)
+            if cond.translate:
+                text = self.valuesets[cond.translate].lookup(text or "")
+                if text is None:
+                    return False
+            assert text is not None
+            if cond.op == "equals":
+                return text == cond.values[0]
+            if cond.op == "in":
+                return text in cond.values
+            if cond.op == "starts_with":
+                return text.startswith(cond.values[0])
+            return self.valuesets[cond.valueset].lookup(text) is not None
+        if isinstance(cond, p.CountIs):
+            raw = self.raw(cond.path)
+            items = raw if isinstance(raw, list) else [raw]
+            n = sum(1 for v in items if isinstance(v, str))
+            return {
+                "eq": n == cond.number,
+                "gte": n >= cond.number,
+                "lte": n <= cond.number,
+                "gt": n > cond.number,
+                "lt": n < cond.number,
+            }[cond.op]
+        if isinstance(cond, p.AllOf):
+            return all(self.holds(c) for c in cond.conditions)
+        if isinstance(cond, p.AnyOf):
+            return any(self.holds(c) for c in cond.conditions)
+        return not self.holds(cond.condition)
+
+
+def _any_value(raw: Value | list[Value]) -> bool:
+    if isinstance(raw, list):
+        return any(isinstance(v, str) for v in raw)
+    return isinstance(raw, str)
+
+
+def _source_text(spec: p.Spec) -> str:
+    src = spec.source
+    if isinstance(src, (p.Read, p.Join, p.Count)):
+        return src.path.text
+    if isinstance(src, p.FirstOf):
+        return " | ".join(filter(None, (_source_text(a.spec) for a in src.alternatives)))
+    return ""
+
+
+def instances(message: Message, anchors: tuple[str, ...]) -> list[list[Segment]]:
+    """Split the message at its anchor segments (``foreach``).
+
+    An instance starts at an anchor unless the current instance has not seen that kind
+    yet — so ``ORC OBR OBX ORC OBR`` is two instances with ``foreach: [ORC, OBR]``, and
+    ``OBR OBX OBR OBX`` two as well. Segments before the first anchor belong to none.
+    """
+    out: list[list[Segment]] = []
+    current: list[Segment] | None = None
+    seen: set[str] = set()
+    for seg in message.segments:
+        if seg.name in anchors and (current is None or seg.name in seen):
+            current = []
+            seen = set()
+            out.append(current)
+        if current is not None:
+            current.append(seg)
+            seen.add(seg.name)
+    return out
+
+
+def matches(mapping: p.Mapping, message: Message, valuesets: Mapping[str, p.ValueSet]) -> bool:
+    code = read(message, _MSH_9_1)
+    trigger = read(message, _MSH_9_2)
+    code_text = code if isinstance(code, str) else ""
+    trigger_text = trigger if isinstance(trigger, str) else ""
+    if not any(t.matches(code_text, trigger_text) for t in mapping.message_types):
+        return False
+    return mapping.when is None or _Run(mapping, message, valuesets).holds(mapping.when)
+
+
+_MSH_9_1 = parse_path("MSH-9.1")
+_MSH_9_2 = parse_path("MSH-9.2")
+
+
+def evaluate(
+    mapping: p.Mapping,
+    message: Message,
+    valuesets: Mapping[str, p.ValueSet],
+    *,
+    digest: str,
+    received_at: datetime,
+) -> Normalised:
+    run = _Run(mapping, message, valuesets)
+    events: list[CanonicalEvent] = []
+    ignored_by: p.Rule | None = None
+    hid_by: p.Rule | None = None  # the first rule that hid a foreach instance
+    hidden: dict[tuple[str, ...], set[int]] = {}
+    for rule in mapping.rules:
+        run.rule, run.field = rule.id, ""
+        scopes: list[list[Segment] | None] = (
+            list(instances(message, rule.foreach)) if rule.foreach else [None]
+        )
+        skip = hidden.setdefault(rule.foreach, set())
+        for index, scope in enumerate(scopes):
+            if index in skip:
+                continue
+            run.scope = scope
+            if rule.when is not None and not run.holds(rule.when):
+                continue
+            if rule.emit is None:
+                if scope is None:
+                    ignored_by = rule
+                    break
+                skip.add(index)
+                hid_by = hid_by or rule
+                continue
+            events.append(_emit(run, rule, len(events)))
+            if mapping.first_match:
+                skip.add(index)
+        run.scope = None
+        if ignored_by is not None:
+            break
+        if mapping.first_match and not rule.foreach and events:
+            break
+    run.rule = run.field = ""
+    base = _Base(mapping.id, digest)
+    if run.failed:
+        return Normalised(
+            Outcome.MAPPING_ERROR,
+            (),
+            tuple(run.diagnostics),
+            mapping_id=base.mapping_id,
+            mapping_digest=base.mapping_digest,
+        )
+    if not events:
+        ignored_by = ignored_by or hid_by
+        if ignored_by is not None:
+            return Normalised(
+                Outcome.IGNORED,
+                (),
+                tuple(run.diagnostics),
+                rule_id=ignored_by.id,
+                mapping_id=base.mapping_id,
+                mapping_digest=base.mapping_digest,
+            )
+        return _no_match(mapping, run, base)
+    _coverage(mapping, message, run)
+    if run.failed:
+        return Normalised(
+            Outcome.MAPPING_ERROR,
+            (),
+            tuple(run.diagnostics),
+            mapping_id=base.mapping_id,
+            mapping_digest=base.mapping_digest,
+        )
+    return Normalised(
+        Outcome.PROCESSED,
+        tuple(events),
+        tuple(run.diagnostics),
+        clues=_clues(events[0]),
+        mapping_id=base.mapping_id,
+        mapping_digest=base.mapping_digest,
+    )
+
+
+def _emit(run: _Run, rule: p.Rule, ordinal: int) -> CanonicalEvent:
+    assert rule.emit is not None
+    fields: dict[str, Any] = {}
+    for name, spec in rule.fields:
+        run.field = name
+        got = run.value(spec)
+        if not isinstance(got, _Nothing):
+            fields[name] = got
+    run.field = ""
+    for name in sorted(CATALOGUE[rule.emit].required):
+        if name not in fields or fields[name] is CLEAR:
+            run.field = name
+            run.note("required_value_missing", f"{rule.emit.value} needs {name}")
+            run.field = ""
+    if not any(
+        isinstance(fields.get(name), dict) and fields[name] is not CLEAR for name in CORRELATE
+    ):
+        run.note(
+            "no_correlation_key",
+            f"{rule.emit.value} has no correlation key (every correlate.* field is empty)",
+        )
+    if "occurred_at" not in fields:
+        saved, run.scope = run.scope, None
+        at = run.value(p.Spec(p.Read(MSH_7), p.Reader.DATETIME))
+        run.scope = saved
+        # MSH-7 without an offset is already reported once; keep the list short.
+        run.diagnostics = [
+            d
+            for d in run.diagnostics
+            if not (d.code == "timezone_assumed" and d.path == "/MSH-7" and d.rule == rule.id)
+        ]
+        if isinstance(at, str):
+            fields["occurred_at"] = at
+    return CanonicalEvent(rule.emit, fields, rule.id, ordinal)
+
+
+def _no_match(mapping: p.Mapping, run: _Run, base: _Base) -> Normalised:
+    text = f"no rule of {mapping.id} matched this message"
+    if mapping.on_no_match is p.OnNoMatch.ERROR:
+        run.note("no_rule_matched", text)
+        return Normalised(
+            Outcome.MAPPING_ERROR,
+            (),
+            tuple(run.diagnostics),
+            mapping_id=base.mapping_id,
+            mapping_digest=base.mapping_digest,
+        )
+    severity = "warning" if mapping.on_no_match is p.OnNoMatch.WARN else "info"
+    run.note("no_rule_matched", text, severity=severity)
+    return Normalised(
+        Outcome.IGNORED,
+        (),
+        tuple(run.diagnostics),
+        mapping_id=base.mapping_id,
+        mapping_digest=base.mapping_digest,
+    )
+
+
+def _coverage(mapping: p.Mapping, message: Message, run: _Run) -> None:
+    known = mapping.read_segments | mapping.ignore_segments | {"MSH"}
+    unread: dict[str, int] = {}
+    for seg in message.segments:
+        if seg.name not in known:
+            unread[seg.name] = unread.get(seg.name, 0) + 1
+    for name, count in unread.items():
+        run.note(
+            "unmapped_segment",
+            f"{count} {name} segment(s) neither read nor listed in segments.ignore",
+            path=name,
+            severity="error" if mapping.strict_coverage else "warning",
+        )
+
+
+def _clues(event: CanonicalEvent) -> dict[str, str]:
+    out: dict[str, str] = {}
+    patient = event.fields.get("patient.identifier")
+    if isinstance(patient, dict) and patient.get("value"):
+        out["patient"] = f"{patient['value']}^{patient.get('namespace', '')}"
+    specialty = event.fields.get("specialty")
+    if isinstance(specialty, str):
+        out["specialty"] = specialty
+    return out
