@@ -65,6 +65,11 @@ class _Run:
         self.message = message
         self.valuesets = valuesets
         self.scope: Sequence[Segment] | None = None
+        self.scope_index = -1
+        self.scope_size = 0
+        # Rules re-read the same paths (ORC-1 in every condition, the keys in every
+        # event); a message is immutable, so each (path, instance) is read once.
+        self.cache: dict[tuple[int, int, int], Value | list[Value]] = {}
         self.diagnostics: list[Diagnostic] = []
         self.rule = ""
         self.field = ""
@@ -78,7 +83,12 @@ class _Run:
     # ---- reading ------------------------------------------------------------------
 
     def raw(self, path: Path) -> Value | list[Value]:
-        return read(self.message, path, self.scope)
+        # Plan paths live as long as the plan: their id is a cheap, exact key.
+        key = (id(path), -1, 0) if path.absolute else (id(path), self.scope_index, self.scope_size)
+        got = self.cache.get(key)
+        if got is None:
+            got = self.cache[key] = read(self.message, path, self.scope)
+        return got
 
     def value(self, spec: p.Spec) -> Any:
         got = self.source(spec)
@@ -272,6 +282,16 @@ def instances(message: Message, anchors: tuple[str, ...]) -> list[list[Segment]]
     return out
 
 
+def _anchor_position(message: Message, scope: Sequence[Segment]) -> int:
+    """Where an instance starts; with its length it identifies the instance for the
+    read cache (two rules with different anchors may cut the same segments)."""
+    first = scope[0]
+    for i, seg in enumerate(message.segments):
+        if seg is first:
+            return i
+    return -2
+
+
 def matches(mapping: p.Mapping, message: Message, valuesets: Mapping[str, p.ValueSet]) -> bool:
     code = read(message, _MSH_9_1)
     trigger = read(message, _MSH_9_2)
@@ -299,16 +319,19 @@ def evaluate(
     ignored_by: p.Rule | None = None
     hid_by: p.Rule | None = None  # the first rule that hid a foreach instance
     hidden: dict[tuple[str, ...], set[int]] = {}
+    cuts: dict[tuple[str, ...], list[list[Segment]]] = {}
     for rule in mapping.rules:
         run.rule, run.field = rule.id, ""
-        scopes: list[list[Segment] | None] = (
-            list(instances(message, rule.foreach)) if rule.foreach else [None]
-        )
+        if rule.foreach and rule.foreach not in cuts:
+            cuts[rule.foreach] = instances(message, rule.foreach)
+        scopes: list[list[Segment] | None] = list(cuts[rule.foreach]) if rule.foreach else [None]
         skip = hidden.setdefault(rule.foreach, set())
         for index, scope in enumerate(scopes):
             if index in skip:
                 continue
             run.scope = scope
+            run.scope_index = -1 if scope is None else _anchor_position(message, scope)
+            run.scope_size = 0 if scope is None else len(scope)
             if rule.when is not None and not run.holds(rule.when):
                 continue
             if rule.emit is None:
@@ -321,7 +344,7 @@ def evaluate(
             events.append(_emit(run, rule, len(events)))
             if mapping.first_match:
                 skip.add(index)
-        run.scope = None
+        run.scope, run.scope_index = None, -1
         if ignored_by is not None:
             break
         if mapping.first_match and not rule.foreach and events:
@@ -389,9 +412,7 @@ def _emit(run: _Run, rule: p.Rule, ordinal: int) -> CanonicalEvent:
             f"{rule.emit.value} has no correlation key (every correlate.* field is empty)",
         )
     if "occurred_at" not in fields:
-        saved, run.scope = run.scope, None
         at = run.value(p.Spec(p.Read(MSH_7), p.Reader.DATETIME))
-        run.scope = saved
         # MSH-7 without an offset is already reported once; keep the list short.
         run.diagnostics = [
             d

@@ -90,11 +90,12 @@ class Segment:
 class Message:
     """A parsed message: segments in order, each split lazily."""
 
-    __slots__ = ("delims", "segments")
+    __slots__ = ("_by_name", "delims", "segments")
 
     def __init__(self, segments: list[Segment], delims: Delimiters) -> None:
         self.segments = segments
         self.delims = delims
+        self._by_name: dict[str, list[Segment]] | None = None
 
     @classmethod
     def parse(cls, text: str) -> Message:
@@ -111,7 +112,13 @@ class Message:
         return cls(segments, delims)
 
     def all(self, name: str) -> list[Segment]:
-        return [s for s in self.segments if s.name == name]
+        """Every segment called ``name``, in message order (indexed on first use)."""
+        if self._by_name is None:
+            index: dict[str, list[Segment]] = {}
+            for seg in self.segments:
+                index.setdefault(seg.name, []).append(seg)
+            self._by_name = index
+        return self._by_name.get(name, [])
 
     def unescape(self, raw: str) -> str:
         return unescape(raw, self.delims)
