@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from engine.store.schema import messages
+from engine.store.schema import NORMALISER_COLUMNS, messages
 
-COLUMNS = [c.name for c in messages.columns if c.name != "id"]
+COLUMNS = [c.name for c in messages.columns if c.name != "id" and c.name not in NORMALISER_COLUMNS]
 _TIME = COLUMNS.index("received_at")
 _KEY = COLUMNS.index("dedup_key")
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DateTime storage format on SQLite

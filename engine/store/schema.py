@@ -12,13 +12,17 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.types import TypeDecorator
@@ -28,6 +32,7 @@ metadata = MetaData(
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
         "uq": "uq_%(table_name)s_%(column_0_N_name)s",
         "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     }
 )
 
@@ -84,6 +89,13 @@ messages = Table(
     Column("error_code", Integer(), nullable=True),
     Column("error", Text(), nullable=True),
     Column("duplicate_of", Id, nullable=True),
+    # Normalisation, after the ACK (engine/services/normaliser.py): NORMALISER_COLUMNS.
+    Column("normalised_at", UtcDateTime(), nullable=True),
+    Column("diagnostics", Text(), nullable=True),  # JSON list of Diagnostic.as_dict()
+    Column("mapping_id", String(), nullable=True),
+    Column("rule_id", String(), nullable=True),
+    Column("parked_at", UtcDateTime(), nullable=True),  # first parked; the TTL counts from here
+    Column("attempts", Integer(), nullable=False, default=0, server_default=text("0")),
     # Accepted messages only; resends are recognised by colliding here (engine/store/ingest.py).
     Index(
         "uq_messages_dedup_key",
@@ -94,4 +106,88 @@ messages = Table(
     ),
     Index(None, "status", "id"),
     Index(None, "received_at"),
+)
+
+#: Columns of ``messages`` the normaliser owns; the ingest hot path leaves them to
+#: their defaults.
+NORMALISER_COLUMNS = frozenset(
+    {"normalised_at", "diagnostics", "mapping_id", "rule_id", "parked_at", "attempts"}
+)
+
+#: Message statuses the normaliser sets; ``received`` is where it starts.
+NORMALISED_STATUSES = ("processed", "ignored", "mapping_error", "parked", "unmatched")
+
+#: The projection: one row per referral, rebuilt from ``referral_events`` at will.
+referrals = Table(
+    "referrals",
+    metadata,
+    Column("id", String(36), primary_key=True),  # uuid, derived from the creating event
+    Column("state", String(24), nullable=False),
+    Column("placer_order_number", String(), nullable=True),
+    Column("placer_assigner", String(), nullable=True),
+    Column("referral_number", String(), nullable=True),
+    Column("specialty", String(), nullable=True),
+    Column("priority", String(), nullable=True),
+    Column("patient_key", String(), nullable=True),  # identifier value^assigner (heuristic)
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("last_sequence", Integer(), nullable=False),
+    Column("needs_review", Boolean(), nullable=False),
+    Column("data", Text(), nullable=False),  # JSON: the merged canonical fields by group
+    # The worklist by state, the lookup an operator types, the heuristic's candidates.
+    Index(None, "state", "updated_at"),
+    Index(None, "placer_order_number"),
+    Index(None, "patient_key", "state"),
+)
+
+#: The append-only event log. ``id`` is deterministic (engine.domain.events.event_id), so
+#: normalising a message again inserts nothing new.
+referral_events = Table(
+    "referral_events",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("referral_id", String(36), ForeignKey("referrals.id"), nullable=False),
+    Column("sequence", Integer(), nullable=False),
+    Column("type", String(40), nullable=False),
+    Column("occurred_at", UtcDateTime(), nullable=True),
+    Column("recorded_at", UtcDateTime(), nullable=False),
+    Column("message_id", Id, nullable=True),
+    Column("mapping_id", String(), nullable=True),
+    Column("mapping_digest", String(), nullable=True),
+    Column("rule_id", String(), nullable=True),
+    Column("correlation_method", String(24), nullable=False),
+    Column("confidence", Float(), nullable=False),
+    Column("state_before", String(24), nullable=True),
+    Column("state_after", String(24), nullable=True),
+    Column("anomaly", Text(), nullable=True),
+    Column("fields", Text(), nullable=False),  # JSON: the event's canonical fields
+    UniqueConstraint("referral_id", "sequence"),
+    Index(None, "message_id"),
+    Index(None, "recorded_at"),
+)
+
+#: Correlation keys of each referral (placer/filler order numbers, referral ids,
+#: appointment ids), compared as (kind, value, assigner).
+referral_keys = Table(
+    "referral_keys",
+    metadata,
+    Column("kind", String(24), nullable=False),
+    Column("value", String(), nullable=False),
+    Column("assigner", String(), nullable=False),  # "" when the sender named none
+    Column("referral_id", String(36), ForeignKey("referrals.id"), nullable=False),
+    # Value first: a key sent without its assigner is looked up by value alone.
+    PrimaryKeyConstraint("value", "kind", "assigner", "referral_id"),
+    Index(None, "referral_id"),
+)
+
+#: The keys a parked message waits for: when one is indexed, the message is retried.
+parked_keys = Table(
+    "parked_keys",
+    metadata,
+    Column("message_id", Id, nullable=False),
+    Column("kind", String(24), nullable=False),
+    Column("value", String(), nullable=False),
+    Column("assigner", String(), nullable=False),
+    PrimaryKeyConstraint("message_id", "kind", "value", "assigner"),
+    Index(None, "value"),
 )
