@@ -113,6 +113,9 @@ class ListenerConfig(_Frozen):
     # MSH-9.1 values accepted here; empty means every message type in HL7 table 0076.
     message_types: tuple[str, ...] = ()
     duplicate_window_seconds: int = Field(default=7 * 24 * 3600, ge=0)
+    # The mapping overlay (a folder under <mappings dir>/sources/) tried before the shared
+    # mappings for messages from this listener; checked against the set at start.
+    mappings: str | None = Field(default=None, min_length=1)
 
     @field_validator("allowed_cidrs")
     @classmethod
@@ -193,13 +196,43 @@ class IngestConfig(_Frozen):
     writers: int | None = Field(default=None, ge=1, le=16)
 
 
+class MappingsConfig(_Frozen):
+    # Relative to the config file's folder.
+    dir: Path = Path("mappings")
+    # How often the folder is checked for changes (hot reload; SIGHUP reloads at once).
+    reload_seconds: float = Field(default=2.0, gt=0, le=3600)
+
+
+class NormalizerConfig(_Frozen):
+    # Normalisation runs after the ACK; off, messages are stored and acknowledged only.
+    enabled: bool = True
+    # Messages per transaction (events, projections and statuses commit together).
+    batch_size: int = Field(default=256, ge=1, le=10_000)
+    # A parked message that still matches no referral after this becomes `unmatched`.
+    parked_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    # How often every parked message is retried (the patient + specialty heuristic may
+    # match a referral that has appeared since; new keys release parked messages at once).
+    retry_parked_seconds: float = Field(default=300.0, gt=0)
+    # Fallback poll when no commit wakes the normaliser (another replica's messages).
+    poll_seconds: float = Field(default=1.0, gt=0, le=60)
+
+
 class Config(_Frozen):
     database: DatabaseConfig = DatabaseConfig()
     http: HttpConfig = HttpConfig()
     mllp: MllpConfig = MllpConfig()
     logging: LoggingConfig = LoggingConfig()
     ingest: IngestConfig = IngestConfig()
+    mappings: MappingsConfig = MappingsConfig()
+    normalizer: NormalizerConfig = NormalizerConfig()
     source: Path = Path(DEFAULT_CONFIG)
+
+    def mappings_dir(self) -> Path:
+        return self.resolve(self.mappings.dir)
+
+    def overlays(self) -> dict[str, str]:
+        """``{listener: overlay}`` for listeners that name one."""
+        return {x.name: x.mappings for x in self.mllp.listeners if x.mappings}
 
     def database_url(self) -> str:
         """The effective URL: env REFLOOP_DATABASE_URL wins, then [database] + password."""

@@ -32,6 +32,15 @@ DB_COMMIT = "refloop_db_commit_seconds"
 DB_BATCH = "refloop_db_batch_messages"
 DB_ERRORS = "refloop_db_errors"
 INGEST_QUEUE = "refloop_ingest_queue_depth"
+EVENTS = "refloop_events"
+REFERRALS = "refloop_referrals"
+MAPPING_ERRORS = "refloop_mapping_errors"
+MAPPING_RELOADS = "refloop_mapping_reloads"
+PARKED = "refloop_parked_messages"
+UNMATCHED = "refloop_unmatched_messages"
+NORMALIZE = "refloop_normalize_seconds"
+NORMALIZE_LAG = "refloop_normalize_lag_seconds"
+NORMALIZER_BACKLOG = "refloop_normalizer_backlog"
 
 # `_created` series double the exposition for no operational value.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -101,6 +110,40 @@ class Metrics:
             DB_ERRORS, "Failed database commits of inbound messages", registry=r
         )
         self.queue_depth = Gauge(INGEST_QUEUE, "Messages waiting for the writer", registry=r)
+        # The referral core. Labels: event types and states are enums, mapping ids come
+        # from the analysts' mapping set (bounded, never message content).
+        self.events = Counter(
+            EVENTS, "Referral events appended to the event log", ["type"], registry=r
+        )
+        self.referrals = Gauge(REFERRALS, "Referrals by state", ["state"], registry=r)
+        self.mapping_errors = Counter(
+            MAPPING_ERRORS,
+            "Messages stored as mapping_error, by the mapping that failed (none: no mapping)",
+            ["mapping"],
+            registry=r,
+        )
+        self.mapping_reloads = Counter(
+            MAPPING_RELOADS, "Mapping set reloads (ok, error)", ["result"], registry=r
+        )
+        self.parked = Gauge(PARKED, "Messages parked until their referral appears", registry=r)
+        self.unmatched = Gauge(
+            UNMATCHED, "Messages parked past the TTL: exceptions to review", registry=r
+        )
+        self.normalize = Histogram(
+            NORMALIZE,
+            "Time to normalise one message with the mapping set",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.normalize_lag = Histogram(
+            NORMALIZE_LAG,
+            "Time from a message being received to its normalisation being committed",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=r,
+        )
+        self.normalizer_backlog = Gauge(
+            NORMALIZER_BACKLOG, "Messages received but not yet normalised", registry=r
+        )
 
     def declare_listener(self, listener: str, *, tls: bool = False) -> None:
         """Create a listener's series at zero so dashboards and alerts see them at once."""
@@ -111,6 +154,15 @@ class Metrics:
         for reason in ("cidr", "max_connections", *(("tls_handshake",) if tls else ())):
             self.refused.labels(listener, reason)
         self.ack_latency.labels(listener)
+
+    def declare_referral_core(self, states: list[str], event_types: list[str]) -> None:
+        """Create the referral series at zero so dashboards and alerts see them at once."""
+        for state in states:
+            self.referrals.labels(state)
+        for event_type in event_types:
+            self.events.labels(event_type)
+        for result in ("ok", "error"):
+            self.mapping_reloads.labels(result)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

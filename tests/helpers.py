@@ -19,6 +19,17 @@ SHARED = REPO.parent / "shared"
 CORPUS = SHARED / "corpus" / "hl7v2"
 BENCH_MESSAGES = SHARED / "bench" / "messages"
 REFLOOP = REPO / ".venv" / "bin" / "refloop"
+# The shipped mapping set; REFLOOP_TEST_MAPPINGS points the suite at another copy.
+MAPPINGS = Path(os.environ.get("REFLOOP_TEST_MAPPINGS") or REPO / "mappings")
+
+
+#: Statuses of an accepted message: ``received`` until the normaliser has decided.
+ACCEPTED = frozenset({"received", "processed", "ignored", "mapping_error", "parked", "unmatched"})
+
+
+def ingest_status(status: str) -> str:
+    """The status ingest gave a row (normalisation later moves ``received`` on)."""
+    return "received" if status in ACCEPTED else status
 
 
 def free_port() -> int:
@@ -35,6 +46,8 @@ def make_config(
     source: Path | None = None,
     **sections: Any,
 ) -> Config:
+    # The shipped mapping set, wherever the test runs from.
+    sections.setdefault("mappings", {"dir": str(MAPPINGS)})
     data: dict[str, Any] = {
         "database": {"url": database_url},
         "http": {"host": "127.0.0.1", "port": http_port},

@@ -1,0 +1,384 @@
+"""Planning a normaliser batch (pure): normalised messages + what the store knows → changes.
+
+Theory of operation
+-------------------
+The store answers five lookups for the whole batch (indexed keys, the referrals they
+name, open referrals of the batch's patients, event ids already in the log, parked
+messages waiting for the batch's keys); :func:`plan` then walks the messages in id
+order and decides everything else in memory, so the batch costs a fixed number of
+queries whatever its size.
+
+For each event of a processed message, in ordinal order:
+
+* an id the log already has was applied before (a replay): nothing to do;
+* otherwise :func:`~engine.domain.correlation.correlate` finds its referral. A
+  ``referral.created`` that matches nothing starts a referral (its id derived from the
+  event's, so a replay finds the same one); any other event that matches nothing — or
+  matches two referrals — parks the **whole message**: none of its events is applied,
+  and the keys it offers are remembered so it is retried the moment one is indexed;
+* the event is folded into the projection (:func:`engine.domain.projection.fold`),
+  and the keys it carries become the referral's.
+
+A message's changes are staged and kept only if the whole message goes through.
+
+Order: per referral, events are applied in message id order. When a message's new keys
+release parked messages (older, so smaller ids), the batch is cut right after it: the
+released messages are ``received`` again and the next batch takes them before anything
+newer, exactly as if they had arrived in order.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from itertools import chain
+from typing import Any
+
+from engine.domain.correlation import Clues, Key, OpenReferral, correlate
+from engine.domain.events import CanonicalEvent, Diagnostic, Normalised, Outcome, event_id
+from engine.domain.projection import LoggedEvent, Referral, fold
+from engine.domain.referral import TERMINAL, Event
+from engine.store.eventlog import Changes, EventRow, MessageUpdate
+
+_REFERRAL_NAMESPACE = uuid.UUID("0b7f8e36-3f5c-4f55-a0f4-2b8d6a3c9e11")
+
+
+def referral_id_for(created_event_id: str) -> str:
+    """A new referral's id, derived from the event that created it (stable on replay)."""
+    return str(uuid.uuid5(_REFERRAL_NAMESPACE, created_event_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message of the batch, already normalised."""
+
+    message_id: int
+    received_at: datetime
+    result: Normalised
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the store said before planning (each a single query for the batch)."""
+
+    index: Mapping[Key, frozenset[str]] = field(default_factory=dict)
+    referrals: Mapping[str, Referral] = field(default_factory=dict)  # by key and by patient
+    events: Mapping[str, str] = field(default_factory=dict)  # event id → referral id
+    parked: Sequence[tuple[int, Key]] = ()  # (message id, a key it waits for)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What happened to one message: for the replay command, metrics and logs."""
+
+    message_id: int
+    status: str
+    new_events: tuple[str, ...] = ()  # event types appended
+    known_events: int = 0  # already in the log (a replay)
+    referrals: tuple[str, ...] = ()
+    created: tuple[str, ...] = ()  # referrals this message started
+    anomalies: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()  # correlation methods used
+    unparked: tuple[int, ...] = ()  # parked messages it released
+    diagnostics: tuple[Diagnostic, ...] = ()
+    mapping_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    changes: Changes
+    reports: tuple[Report, ...]
+    handled: int  # messages planned; the rest of the batch is left for the next one
+
+
+def lookup_values(results: Iterable[Normalised]) -> tuple[set[str], set[str]]:
+    """(key values the batch's events carry, patients for the heuristic): what to ask
+    the store about — indexed keys and parked messages by value, open referrals by
+    patient."""
+    values: set[str] = set()
+    patients: set[str] = set()
+    for r in results:
+        if r.outcome is not Outcome.PROCESSED:
+            continue
+        for ev in r.events:
+            values.update(k.normalised().value for k in keys_of(ev))
+        if r.clues.get("patient"):
+            patients.add(r.clues["patient"])
+    return values, patients
+
+
+def keys_of(ev: CanonicalEvent) -> tuple[Key, ...]:
+    """What an event is correlated by, and indexed under once applied: its ``correlate.*``
+    keys and its appointment id. An appointment id matches only after a booking linked
+    it to a referral, so offering it to :func:`correlate` is safe — and it is how an S14
+    or S15 that names only the appointment finds its referral."""
+    return tuple(dict.fromkeys(k.normalised() for k in ev.keys()))  # noqa: SIM118 - not a dict
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def occurred_at(ev: CanonicalEvent, fallback: datetime) -> datetime:
+    """The event's business time (``occurred_at``, ISO 8601), else when it was received."""
+    raw = ev.fields.get("occurred_at")
+    if isinstance(raw, str):
+        try:
+            moment = datetime.fromisoformat(raw)
+        except ValueError:
+            return fallback
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return fallback
+
+
+def _releases(waiting: Key, new: Key) -> bool:
+    # A parked message that named no assigner is released by any assigner's key.
+    return (
+        waiting.kind is new.kind
+        and waiting.value == new.value
+        and waiting.assigner in ("", new.assigner)
+    )
+
+
+class _Batch:
+    """Mutable planning state for one batch."""
+
+    def __init__(self, known: Known, now: datetime) -> None:
+        self.now = now
+        self.index: dict[Key, frozenset[str]] = dict(known.index)
+        self.referrals: dict[str, Referral] = dict(known.referrals)
+        self.logged: dict[str, str] = dict(known.events)
+        self.parked_outside: list[tuple[int, Key]] = list(known.parked)
+        self.changed: dict[str, Referral] = {}
+        self.events: list[EventRow] = []
+        self.keys: list[tuple[Key, str]] = []
+        self.updates: dict[int, MessageUpdate] = {}
+        self.reports: dict[int, Report] = {}
+        self.unpark: list[int] = []
+
+    def open_referrals(
+        self, staged: Mapping[str, Referral], patient: str
+    ) -> Iterator[OpenReferral]:
+        """Heuristic candidates, produced only if correlation gets that far."""
+        if not patient:
+            return
+        for rid, r in chain(staged.items(), self.referrals.items()):
+            if rid in staged and r is not staged[rid]:
+                continue  # superseded by this message's staged projection
+            if r.patient_key == patient and r.state not in TERMINAL:
+                yield OpenReferral(r.id, patient, r.specialty or "", r.created_at)
+
+
+def plan(batch: Sequence[Inbound], known: Known, now: datetime) -> Plan:
+    """Decide what the batch does (see the module docstring)."""
+    ids = {i.message_id for i in batch}
+    known = replace(known, parked=[(m, k) for m, k in known.parked if m not in ids])
+    state = _Batch(known, now)
+    handled = 0
+    for item in batch:
+        handled += 1
+        released = _plan_message(state, item)
+        if released:
+            break
+    changes = Changes(
+        messages=[state.updates[i.message_id] for i in batch[:handled]],
+        referrals=list(state.changed.values()),
+        events=state.events,
+        keys=state.keys,
+        unpark=state.unpark,
+    )
+    reports = tuple(state.reports[i.message_id] for i in batch[:handled])
+    return Plan(changes, reports, handled)
+
+
+def _plan_message(b: _Batch, item: Inbound) -> bool:
+    """Plan one message; True when it released parked messages (cut the batch here)."""
+    r = item.result
+    mid = item.message_id
+    if r.outcome is not Outcome.PROCESSED:
+        b.updates[mid] = MessageUpdate(
+            mid,
+            r.outcome.value,
+            tuple(d.as_dict() for d in r.diagnostics),
+            r.mapping_id,
+            r.rule_id,
+        )
+        b.reports[mid] = Report(
+            mid, r.outcome.value, diagnostics=r.diagnostics, mapping_id=r.mapping_id
+        )
+        return False
+
+    staged: dict[str, Referral] = {}
+    staged_index: dict[Key, frozenset[str]] = {}
+    rows: list[EventRow] = []
+    keys: list[tuple[Key, str]] = []
+    known_count = 0
+    referrals: list[str] = []
+    created: list[str] = []
+    anomalies: list[str] = []
+    methods: list[str] = []
+    parked_reason: str | None = None
+    for ev in sorted(r.events, key=lambda e: e.ordinal):
+        eid = event_id(mid, ev)
+        if eid in b.logged:
+            known_count += 1
+            referrals.append(b.logged[eid])
+            continue
+        when = occurred_at(ev, item.received_at)
+        clues = Clues(
+            keys=keys_of(ev),
+            patient=r.clues.get("patient", ""),
+            specialty=r.clues.get("specialty", ""),
+            occurred_at=when,
+        )
+        index = _merged(b.index, staged_index)
+        # A new order is its own referral unless its keys say otherwise: the patient +
+        # specialty heuristic is for messages that lost their keys, not for orders (a
+        # patient may well have two cardiology referrals).
+        candidates = (
+            () if ev.type is Event.REFERRAL_CREATED else b.open_referrals(staged, clues.patient)
+        )
+        match = correlate(clues, index, candidates)
+        if match.referral_id is not None:
+            rid, method, confidence = match.referral_id, match.method, match.confidence
+        elif ev.type is Event.REFERRAL_CREATED and match.method == "none":
+            rid, method, confidence = referral_id_for(eid), "created", 1.0
+            created.append(rid)
+        else:
+            parked_reason = _why_parked(ev, match.method, match.candidates)
+            break
+        fields_json = canonical_json(dict(ev.fields))
+        logged = LoggedEvent(ev.type, json.loads(fields_json), when, b.now, confidence)
+        current = staged.get(rid) or b.referrals.get(rid)
+        projection, step = fold(current, rid, logged)
+        if projection is not None:
+            staged[rid] = projection
+        rows.append(
+            EventRow(
+                id=eid,
+                referral_id=rid,
+                sequence=step.sequence,
+                type=ev.type,
+                occurred_at=when,
+                recorded_at=b.now,
+                message_id=mid,
+                mapping_id=r.mapping_id,
+                mapping_digest=r.mapping_digest,
+                rule_id=ev.rule_id,
+                correlation_method=method,
+                confidence=confidence,
+                state_before=step.state_before,
+                state_after=step.state_after,
+                anomaly=step.anomaly,
+                fields=fields_json,
+            )
+        )
+        for key in keys_of(ev):
+            owners = _merged(b.index, staged_index).get(key, frozenset())
+            if rid not in owners:
+                staged_index[key] = staged_index.get(key, frozenset()) | {rid}
+                keys.append((key, rid))
+        referrals.append(rid)
+        methods.append(method)
+        if step.anomaly:
+            anomalies.append(step.anomaly)
+
+    rule = r.rule_id or next((e.rule_id for e in r.events if e.rule_id), "")
+    diagnostics = tuple(d.as_dict() for d in r.diagnostics)
+    if parked_reason is not None:
+        waits = tuple(
+            sorted(
+                {k for ev in r.events for k in keys_of(ev)},
+                key=lambda k: (k.kind.value, k.value, k.assigner),
+            )
+        )
+        note = Diagnostic("parked", parked_reason, severity="info")
+        b.updates[mid] = MessageUpdate(
+            mid, "parked", (*diagnostics, note.as_dict()), r.mapping_id, rule, True, waits
+        )
+        b.reports[mid] = Report(
+            mid,
+            "parked",
+            known_events=known_count,
+            diagnostics=(*r.diagnostics, note),
+            mapping_id=r.mapping_id,
+        )
+        return False
+
+    # The whole message went through: keep its changes.
+    b.referrals.update(staged)
+    b.changed.update(staged)
+    b.events.extend(rows)
+    b.keys.extend(keys)
+    for key, ids in staged_index.items():
+        b.index[key] = b.index.get(key, frozenset()) | ids
+    for row in rows:
+        b.logged[row.id] = row.referral_id
+    released = _release(b, [k for k, _ in keys], mid)
+    b.updates[mid] = MessageUpdate(mid, "processed", diagnostics, r.mapping_id, rule)
+    b.reports[mid] = Report(
+        mid,
+        "processed",
+        new_events=tuple(row.type.value for row in rows),
+        known_events=known_count,
+        referrals=tuple(dict.fromkeys(referrals)),
+        created=tuple(created),
+        anomalies=tuple(anomalies),
+        methods=tuple(methods),
+        unparked=tuple(released),
+        diagnostics=r.diagnostics,
+        mapping_id=r.mapping_id,
+    )
+    return bool(released)
+
+
+def _release(b: _Batch, new_keys: Sequence[Key], by: int) -> list[int]:
+    """Parked messages (in this batch or before it) that a newly indexed key releases."""
+    if not new_keys:
+        return []
+    released: list[int] = []
+    for mid, update in list(b.updates.items()):
+        if update.status == "parked" and any(
+            _releases(w, k) for w in update.keys for k in new_keys
+        ):
+            b.updates[mid] = MessageUpdate(
+                mid, "received", update.diagnostics, update.mapping_id, update.rule_id, True
+            )
+            old = b.reports[mid]
+            b.reports[mid] = Report(
+                mid, "received", known_events=old.known_events, mapping_id=old.mapping_id
+            )
+            released.append(mid)
+    outside = sorted(
+        {mid for mid, w in b.parked_outside if any(_releases(w, k) for k in new_keys)} - {by}
+    )
+    for mid in outside:
+        if mid not in b.unpark and mid not in b.updates:
+            b.unpark.append(mid)
+            released.append(mid)
+    return sorted(released)
+
+
+def _merged(
+    index: Mapping[Key, frozenset[str]], staged: Mapping[Key, frozenset[str]]
+) -> Mapping[Key, frozenset[str]]:
+    if not staged:
+        return index
+    out = dict(index)
+    for key, ids in staged.items():
+        out[key] = out.get(key, frozenset()) | ids
+    return out
+
+
+def _why_parked(ev: CanonicalEvent, method: str, candidates: Sequence[str]) -> str:
+    kinds = sorted({k.kind.value for k in keys_of(ev)})
+    offered = ", ".join(kinds) if kinds else "no correlation keys"
+    if method == "conflict":
+        return (
+            f"{ev.type.value}: its keys ({offered}) name {len(candidates)} referrals; "
+            "parked for review"
+        )
+    return f"{ev.type.value}: no referral matches its keys ({offered}) yet; parked until one does"
