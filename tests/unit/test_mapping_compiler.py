@@ -785,3 +785,46 @@ def test_concat_never_drops_a_typed_part_silently(tmp_path: Path) -> None:
     )
     result = mapset.normalise(msg, received_at=datetime(2025, 1, 1, tzinfo=UTC))
     assert result.events[0].fields["note"] == "30 minutes"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: `use: [{a: b}]` raises TypeError (unhashable dict in "
+    "Compiler.rule's `name not in self.field_sets`) out of load_mapping_set instead of "
+    "MappingSetError, so `refloop mappings check` and a reload crash",
+)
+def test_a_non_text_field_set_name_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    errors = refused(
+        tmp_path,
+        {MAP: edited("    foreach: ORC", "    foreach: ORC\n    use: [{a: b}]"), VS: ORDER_STATUS},
+    )
+    assert located(tmp_path, errors) == [(MAP, 14, 11)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: `replace: {from: a, to: [b]}` compiles (Compiler.transform takes "
+    "`to` unchecked), then MappingSet.normalise raises TypeError on every message with a "
+    "value there",
+)
+def test_replace_to_must_be_text(tmp_path: Path) -> None:
+    text = edited("note: NTE-3", "note: {path: NTE-3, transform: [{replace: {from: a, to: [b]}}]}")
+    write(tmp_path, {MAP: text, VS: ORDER_STATUS})
+    try:
+        mapset = load_mapping_set(tmp_path)
+    except MappingSetError:
+        return
+    msg = (
+        "MSH|^~\\&|A|B|C|D|20250101||ORM^O01|1|P|2.5.1\rPID|1||1^^^H^MR\rORC|NW|P1^X\rNTE|1||abc\r"
+    )
+    mapset.normalise(msg, received_at=datetime(2025, 1, 1, tzinfo=UTC))  # must not raise
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: `truncate: -2` is accepted (Compiler.integer allows negatives) and "
+    "silently cuts the last two characters",
+)
+def test_truncate_must_not_be_negative(tmp_path: Path) -> None:
+    text = edited("note: NTE-3", "note: {path: NTE-3, transform: [{truncate: -2}]}")
+    refused(tmp_path, {MAP: text, VS: ORDER_STATUS})
