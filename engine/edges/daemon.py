@@ -17,7 +17,10 @@ from engine.config import Config, ListenerConfig
 from engine.edges.http_app import build_app
 from engine.edges.mllp_listener import MllpListener
 from engine.logs import get_logger
+from engine.mapping.mapset import MappingSetError
 from engine.metrics import Metrics
+from engine.services.mappings import MappingHolder, OverlayError
+from engine.services.normaliser import NormaliserWorker, sources_from
 from engine.services.writer import GroupCommitWriter
 from engine.store.database import (
     SchemaError,
@@ -76,6 +79,24 @@ def prepare_database(config: Config) -> Engine:
     return engine
 
 
+def load_mappings(config: Config, metrics: Metrics) -> MappingHolder:
+    """The mapping set the normaliser starts with, or a StartupError listing every problem
+    (file:line:column) — the daemon does not run on a set it cannot trust."""
+    root = config.mappings_dir()
+    if not root.is_dir():
+        raise StartupError(
+            f"{config.source}: mappings.dir: {root} is not a folder; point [mappings] dir "
+            "at the mapping set, or set [normalizer] enabled = false to only store messages"
+        )
+    try:
+        return MappingHolder.load(root, config.overlays(), metrics)
+    except MappingSetError as exc:
+        lines = "\n".join(f"  {e}" for e in exc.errors) or f"  {exc}"
+        raise StartupError(f"the mapping set in {root} did not load:\n{lines}") from None
+    except OverlayError as exc:
+        raise StartupError(f"{config.source}: {exc}") from None
+
+
 class Daemon:
     def __init__(self, config: Config, *, install_signals: bool = True) -> None:
         self.config = config
@@ -84,6 +105,7 @@ class Daemon:
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.writer: GroupCommitWriter | None = None
+        self.normaliser: NormaliserWorker | None = None
         self.listeners: list[MllpListener] = []
         self.http: _EmbeddedServer | None = None
         self._stop = asyncio.Event()
@@ -97,14 +119,34 @@ class Daemon:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._on_signal, sig)
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, self.reload_mappings)
+        mappings = None
+        if self.config.normalizer.enabled:
+            mappings = await asyncio.to_thread(load_mappings, self.config, self.metrics)
         self.engine = await asyncio.to_thread(prepare_database, self.config)
+        if mappings is not None:
+            self.normaliser = NormaliserWorker(
+                self.engine,
+                mappings,
+                self.metrics,
+                sources_from(self.config.mllp.listeners),
+                self.config.normalizer,
+                reload_seconds=self.config.mappings.reload_seconds,
+            )
         lanes = self.config.ingest.writers or (1 if self.engine.dialect.name == "sqlite" else 2)
         self.writer = GroupCommitWriter(
-            self.engine, self.metrics, max_batch=self.config.ingest.max_batch, lanes=lanes
+            self.engine,
+            self.metrics,
+            max_batch=self.config.ingest.max_batch,
+            lanes=lanes,
+            on_commit=self.normaliser.wake_threadsafe if self.normaliser else None,
         )
         self.writer.start()
         http_task: asyncio.Task[None] | None = None
         try:
+            if self.normaliser is not None:
+                self.normaliser.start()
             for index, lcfg in enumerate(self.config.mllp.listeners):
                 listener = MllpListener(
                     lcfg,
@@ -128,11 +170,18 @@ class Daemon:
                 listeners=[f"{x.cfg.name}:{x.port}" for x in self.listeners],
                 http=f"{self.config.http.host}:{self.http_port}",
                 schema=schema,
+                mappings=mappings.current.digest if mappings else None,
             )
             self.ready.set()
             await self._stop.wait()
         finally:
             await self._shutdown(http_task)
+
+    def reload_mappings(self) -> None:
+        """SIGHUP: load the mapping set again now (a bad one keeps the running one)."""
+        if self.normaliser is not None:
+            log.info("daemon.reload_requested")
+            self.normaliser.request_reload()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("daemon.stopping", signal=sig.name)
@@ -189,7 +238,7 @@ class Daemon:
 
     async def _shutdown(self, http_task: asyncio.Task[None] | None) -> None:
         # 1. stop accepting; 2. finish what was received (ACKs included);
-        # 3. stop HTTP; 4. commit what is queued and close the database.
+        # 3. stop HTTP; 4. commit what is queued; 5. stop the normaliser; 6. close the database.
         for listener in self.listeners:
             await listener.stop_accepting()
         await asyncio.gather(*(x.drain(DRAIN_SECONDS) for x in self.listeners))
@@ -200,6 +249,9 @@ class Daemon:
                 await http_task
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
+        if self.normaliser is not None:
+            # It finishes the batch in hand; messages still `received` wait for the next start.
+            await self.normaliser.stop()
         if self.engine is not None:
             self.engine.dispose()
         log.info("daemon.stopped")

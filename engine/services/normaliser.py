@@ -465,7 +465,7 @@ class NormaliserWorker:
     async def _run(self) -> None:
         clock = time.monotonic
         next_sweep = clock() + self.config.retry_parked_seconds
-        next_gauges = 0.0
+        next_gauges = last_gauges = 0.0
         next_reload = clock() + self.reload_seconds
         backoff = 0.0
         ttl = timedelta(seconds=self.config.parked_ttl_seconds)
@@ -478,14 +478,19 @@ class NormaliserWorker:
                     forced, self._reload = self._reload, False
                     await self._call(self.mappings.reload if forced else self.mappings.check)
                     next_reload = clock() + self.reload_seconds
-                busy = await self._drain()
+                busy, worked = await self._drain()
                 if not busy and clock() >= next_sweep:
                     await self._call(self.processor.sweep, ttl)
                     next_sweep = clock() + self.config.retry_parked_seconds
-                    busy = await self._drain()  # what the sweep re-queued
+                    busy, _ = await self._drain()  # what the sweep re-queued
+                    worked = True
+                if worked:
+                    # Counts move with work; reading them costs two grouped queries.
+                    next_gauges = min(next_gauges, last_gauges + 1.0)
                 if clock() >= next_gauges:
                     await self._call(self.processor.refresh_gauges)
-                    next_gauges = clock() + self.GAUGE_SECONDS
+                    last_gauges = clock()
+                    next_gauges = last_gauges + self.GAUGE_SECONDS
                 backoff = 0.0
             except Busy:
                 busy = True
@@ -504,17 +509,19 @@ class NormaliserWorker:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    async def _drain(self) -> bool:
-        """Process batches until nothing is ``received``. True when another normaliser
-        holds the turn."""
+    async def _drain(self) -> tuple[bool, bool]:
+        """Process batches until nothing is ``received``. Returns (another normaliser
+        holds the turn, any message was handled)."""
+        worked = False
         while not self._stopping:
             batch = await self._call(self.processor.next_batch, self.config.batch_size)
             if not batch:
-                return False
+                return False, worked
             try:
                 reports = await self._call(self.processor.process, batch)
             except Busy:
-                return True
+                return True, worked
+            worked = worked or bool(reports)
             for r in reports:
                 if r.status == "mapping_error":
                     log.warning(
@@ -530,4 +537,4 @@ class NormaliserWorker:
                         referrals=list(r.referrals),
                         anomalies=list(r.anomalies),
                     )
-        return False
+        return False, worked

@@ -23,6 +23,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -111,9 +112,17 @@ class GroupCommitWriter:
     """
 
     def __init__(
-        self, engine: Engine, metrics: Metrics, *, max_batch: int = 256, lanes: int = 1
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        max_batch: int = 256,
+        lanes: int = 1,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         self._engine = engine
+        # Called from the writer thread after each successful commit (wakes the normaliser).
+        self._on_commit = on_commit
         self._metrics = metrics
         self._max_batch = max_batch
         self._lanes = max(1, lanes)
@@ -238,6 +247,8 @@ class GroupCommitWriter:
             p.result = w
         self._metrics.db_commit.observe(time.perf_counter() - started)
         self._metrics.db_batch.observe(len(batch))
+        if self._on_commit is not None:
+            self._on_commit()
 
 
 def _safe(exc: Exception) -> str:

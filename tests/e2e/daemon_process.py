@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import REFLOOP, free_port, wait_until
+from tests.helpers import MAPPINGS, REFLOOP, free_port, wait_until
 
 
 def upgrade(config: Path) -> None:
@@ -28,7 +28,8 @@ def write_config(directory: Path, database_url: str, **listener: Any) -> tuple[P
         f"[database]\nurl = {json.dumps(database_url)}\n\n"
         f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n\n'
         f'[[mllp.listeners]]\nname = "e2e"\nhost = "127.0.0.1"\nport = {mllp_port}\n{opts}\n'
-        f'[logging]\nformat = "json"\n'
+        f'[logging]\nformat = "json"\n\n'
+        f"[mappings]\ndir = {json.dumps(str(MAPPINGS))}\n"
     )
     return path, mllp_port, http_port
 

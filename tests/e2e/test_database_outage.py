@@ -24,7 +24,7 @@ import pytest
 from engine.protocol.mllp import Frame, FrameDecoder, encode
 from tests.e2e.daemon_process import DaemonProcess, upgrade, write_config
 from tests.e2e.pg_cluster import PgCluster, find_bindir, unavailable
-from tests.helpers import msg, segments, wait_until
+from tests.helpers import ingest_status, msg, segments, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,7 @@ def stored(url: str) -> Counter[tuple[str, str]]:
     """(control_id, status) → how many rows."""
     with psycopg.connect(url, connect_timeout=5) as conn:
         rows = conn.execute("SELECT control_id, status FROM messages").fetchall()
-    return Counter((str(cid), str(status)) for cid, status in rows)
+    return Counter((str(cid), ingest_status(str(status))) for cid, status in rows)
 
 
 @pytest.mark.parametrize("stop_mode", ["fast", "immediate"])

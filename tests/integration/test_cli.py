@@ -11,12 +11,13 @@ from click.testing import CliRunner
 
 from engine.edges.cli import main as cli
 from tests.conftest import running
-from tests.helpers import make_config, msg
+from tests.helpers import MAPPINGS, make_config, msg
 
 
 def write_toml(path: Path, url: str, extra: str = "") -> Path:
     path.write_text(
-        f'[database]\nurl = "{url}"\n\n[[mllp.listeners]]\nname = "main"\nport = 2575\n{extra}'
+        f'[database]\nurl = "{url}"\n\n[mappings]\ndir = "{MAPPINGS}"\n\n'
+        f'[[mllp.listeners]]\nname = "main"\nport = 2575\n{extra}'
     )
     return path
 
@@ -187,6 +188,7 @@ async def test_run_names_the_listener_whose_port_is_taken(tmp_path, upgraded_url
         config = tmp_path / "c.toml"
         config.write_text(
             f'[database]\nurl = "{upgraded_url}"\n[http]\nport = 0\n'
+            f'[mappings]\ndir = "{MAPPINGS}"\n'
             f'[[mllp.listeners]]\nname = "busy"\nhost = "127.0.0.1"\nport = {taken}\n'
         )
         result = await asyncio.to_thread(CliRunner().invoke, cli, ["run", "--config", str(config)])

@@ -12,7 +12,7 @@ from engine.protocol.mllp import encode
 from engine.store.database import open_engine
 from engine.store.schema import messages
 from tests.conftest import running
-from tests.helpers import RawMllp, make_config, msg, segments
+from tests.helpers import RawMllp, ingest_status, make_config, msg, segments
 
 pytestmark = pytest.mark.postgres
 
@@ -34,5 +34,5 @@ async def test_the_same_message_sent_to_two_replicas_at_once_is_stored_once(pg_u
         rows = list(conn.execute(select(messages.c.control_id, messages.c.status)))
     eng.dispose()
     for round_ in range(5):
-        statuses = sorted(s for c, s in rows if c == f"REPL{round_}")
+        statuses = sorted(ingest_status(s) for c, s in rows if c == f"REPL{round_}")
         assert statuses == ["duplicate"] * 7 + ["received"]

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from engine.store.database import open_engine
 from engine.store.schema import messages
 from tests.conftest import running
-from tests.helpers import RawMllp, msg, segments
+from tests.helpers import RawMllp, ingest_status, msg, segments
 
 
 async def test_message_is_stored_before_aa(config_for, upgraded_url):
@@ -21,7 +21,7 @@ async def test_message_is_stored_before_aa(config_for, upgraded_url):
     assert seg["MSA"][1:3] == ["AA", "SMOKE1"]
     assert [r.control_id for r in seen_at_ack] == ["SMOKE1"]
     assert seen_at_ack[0].raw == msg("SMOKE1")
-    assert seen_at_ack[0].status == "received"
+    assert ingest_status(seen_at_ack[0].status) == "received"
 
 
 def _rows(url):
