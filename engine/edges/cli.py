@@ -4,96 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import ssl
 import sys
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine import __version__
-from engine.config import Config, ConfigError, config_path, load_config
-from engine.logs import Tokenizer, configure, load_token_key
+from engine.config import Config, ConfigError, config_path
+from engine.edges.cli_common import (
+    PORT,
+    config_option,
+    load,
+    open_checked,
+    open_database,
+    parse_since,
+    setup_logging,
+)
+from engine.edges.cli_mappings import mappings
+from engine.edges.cli_referrals import parked, referrals, replay
 from engine.protocol.hl7v2 import split_segments
-
-F = TypeVar("F", bound=Callable[..., Any])
-_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-_PORT = click.IntRange(0, 65535)
-
-
-def config_option(fn: F) -> F:
-    return click.option(
-        "--config",
-        "config_file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar="REFLOOP_CONFIG",
-        default=None,
-        show_envvar=True,
-        help="Config file (default ./engine.toml).",
-    )(fn)
-
-
-def _load(config_file: Path | None) -> Config:
-    try:
-        return load_config(config_path(config_file))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _setup_logging(config: Config, *, level: str | None = None) -> None:
-    key_ref = config.logging.token_key
-    key_file = config.resolve(key_ref.file) if key_ref.file else None
-    try:
-        key = load_token_key(key_ref.env, key_file)
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot create the log token key {key_file}: {exc.strerror}; create it "
-            f"or set env {key_ref.env or 'REFLOOP_LOG_TOKEN_KEY'}"
-        ) from None
-    configure(
-        level=level or config.logging.level,
-        fmt=config.logging.format,
-        tokenizer=Tokenizer(key),
-    )
-
-
-def _open(config: Config) -> tuple[Engine, str]:
-    """The configured database, or a ClickException that says what to fix."""
-    from engine.store.database import describe_failure, open_engine
-
-    try:
-        url = config.database_url()
-        return open_engine(url, sqlite_synchronous=config.database.sqlite_synchronous), url
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    except (SQLAlchemyError, OSError) as exc:
-        raise click.ClickException(
-            describe_failure(config.database.url, exc) + "; check [database] url or "
-            "REFLOOP_DATABASE_URL"
-        ) from None
-
-
-def _open_checked(config: Config) -> Engine:
-    from engine.store.database import SchemaError, check_schema, describe_failure, ping
-
-    engine, url = _open(config)
-    try:
-        ping(engine)
-        check_schema(engine)
-    except SchemaError as exc:
-        engine.dispose()
-        raise click.ClickException(str(exc)) from None
-    except (SQLAlchemyError, OSError) as exc:
-        engine.dispose()
-        raise click.ClickException(
-            f"{describe_failure(url, exc)}; check [database] url or REFLOOP_DATABASE_URL"
-        ) from None
-    return engine
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,8 +39,8 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--mllp-port", type=_PORT, default=None, help="Override the first listener's port.")
-@click.option("--http-port", type=_PORT, default=None, help="Override [http] port.")
+@click.option("--mllp-port", type=PORT, default=None, help="Override the first listener's port.")
+@click.option("--http-port", type=PORT, default=None, help="Override [http] port.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 def run(
     config_file: Path | None, mllp_port: int | None, http_port: int | None, log_level: str | None
@@ -117,11 +49,11 @@ def run(
     from engine.edges.daemon import Daemon, StartupError, with_overrides
     from engine.store.database import SchemaError
 
-    config = with_overrides(_load(config_file), mllp_port=mllp_port, http_port=http_port)
+    config = with_overrides(load(config_file), mllp_port=mllp_port, http_port=http_port)
     problems = config.file_problems()
     if problems:
         raise click.ClickException("\n".join(problems))
-    _setup_logging(config, level=log_level)
+    setup_logging(config, level=log_level)
     try:
         asyncio.run(Daemon(config).run())
     except (StartupError, SchemaError, ConfigError) as exc:
@@ -144,8 +76,8 @@ def db_upgrade(config_file: Path | None) -> None:
     """Migrate the database to the schema this refloop needs."""
     from engine.store.database import describe_failure, upgrade
 
-    config = _load(config_file)
-    engine, url = _open(config)
+    config = load(config_file)
+    engine, url = open_database(config)
     try:
         before, after = upgrade(engine)
     except (SQLAlchemyError, OSError) as exc:
@@ -167,8 +99,8 @@ def db_current(config_file: Path | None) -> None:
     """Print the schema revision of the database and the one this refloop needs."""
     from engine.store.database import current_revision, describe_failure, head_revision
 
-    config = _load(config_file)
-    engine, url = _open(config)
+    config = load(config_file)
+    engine, url = open_database(config)
     try:
         current = current_revision(engine)
     except (SQLAlchemyError, OSError) as exc:
@@ -194,7 +126,7 @@ def config_check(file: Path | None, config_file: Path | None) -> None:
     from engine.edges.mllp_listener import tls_context
 
     path = config_path(file or config_file)
-    config = _load(path)
+    config = load(path)
     problems = config.file_problems() + config.port_problems()
     if not problems:
         # Load every TLS context now, so a wrong PEM file or passphrase shows here
@@ -204,32 +136,36 @@ def config_check(file: Path | None, config_file: Path | None) -> None:
                 tls_context(listener, config.source.parent)
             except ConfigError as exc:
                 problems.append(f"{path}: mllp.listeners[{i}].tls: {exc}")
+    digest = None
+    if config.normalizer.enabled:
+        # The daemon refuses to start on a mapping set that does not load: say so now.
+        digest, more = _check_mappings(config)
+        problems += more
     if problems:
         raise click.ClickException("\n".join(problems))
     names = ", ".join(f"{x.name}:{x.port}" for x in config.mllp.listeners) or "none"
-    click.echo(f"{path}: ok (listeners: {names}; http: {config.http.host}:{config.http.port})")
+    sets = f"; mappings: {digest}" if digest else ""
+    click.echo(
+        f"{path}: ok (listeners: {names}; http: {config.http.host}:{config.http.port}{sets})"
+    )
+
+
+def _check_mappings(config: Config) -> tuple[str | None, list[str]]:
+    from engine.mapping.mapset import MappingSetError
+    from engine.services.mappings import OverlayError, load_checked
+
+    root = config.mappings_dir()
+    try:
+        return load_checked(root, config.overlays()).digest, []
+    except MappingSetError as exc:
+        return None, [f"{config.source}: mappings.dir: {root} did not load:"] + [
+            f"  {e}" for e in exc.errors
+        ]
+    except OverlayError as exc:
+        return None, [f"{config.source}: {line}" for line in str(exc).splitlines()]
 
 
 # -- messages ------------------------------------------------------------------------
-
-
-_RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_since(value: str, now: datetime | None = None) -> datetime:
-    """``2026-11-23T10:00``, ``2026-11-23`` (UTC unless an offset is given) or ``2h``."""
-    now = now or datetime.now(UTC)
-    m = _RELATIVE.match(value.strip())
-    if m:
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r}: use an ISO time like 2026-11-23T10:00 or a span like 30m, 2h, 7d"
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @main.group()
@@ -237,9 +173,23 @@ def messages() -> None:
     """Browse stored inbound messages."""
 
 
+#: Every status a stored message can have (ingest's, then the normaliser's).
+STATUSES = (
+    "received",
+    "duplicate",
+    "rejected",
+    "error",
+    "processed",
+    "ignored",
+    "mapping_error",
+    "parked",
+    "unmatched",
+)
+
+
 @messages.command("list")
 @config_option
-@click.option("--status", default=None, help="received, duplicate, rejected, error, ...")
+@click.option("--status", type=click.Choice(STATUSES), default=None)
 @click.option("--type", "message_type", default=None, help="ORM or ORM^O01")
 @click.option("--since", default=None, help="ISO time or a span like 2h")
 @click.option("--listener", default=None)
@@ -257,8 +207,8 @@ def messages_list(
     """List stored messages, oldest first."""
     from engine.store.messages import MessageFilter, list_messages
 
-    config = _load(config_file)
-    engine = _open_checked(config)
+    config = load(config_file)
+    engine = open_checked(config)
     flt = MessageFilter(
         status=status,
         message_type=message_type,
@@ -303,6 +253,9 @@ def _summary_json(row: dict[str, Any]) -> dict[str, Any]:
         "error_code": row["error_code"],
         "error": row["error"],
         "size": row["size"],
+        "normalised_at": row["normalised_at"].isoformat() if row["normalised_at"] else None,
+        "mapping_id": row["mapping_id"],
+        "rule_id": row["rule_id"],
     }
 
 
@@ -313,16 +266,19 @@ def _summary_json(row: dict[str, Any]) -> dict[str, Any]:
 def messages_show(message_id: int, config_file: Path | None, as_json: bool) -> None:
     """Show one message: metadata, the raw message by segment, its ACK and errors."""
     from engine.store.messages import get_message
+    from engine.store.referrals import events_of_message
 
-    config = _load(config_file)
-    engine = _open_checked(config)
+    config = load(config_file)
+    engine = open_checked(config)
     try:
         with engine.connect() as conn:
             row = get_message(conn, message_id)
+            events = events_of_message(conn, message_id) if row else []
     finally:
         engine.dispose()
     if row is None:
         raise click.ClickException(f"no message with id {message_id}")
+    diagnostics = json.loads(row["diagnostics"]) if row["diagnostics"] else []
     codec = _codec_for_display(row.get("charset"))
     text = row["raw"].decode(codec, "replace")
     ack = row["ack"].decode("latin-1") if row["ack"] else None
@@ -335,6 +291,10 @@ def messages_show(message_id: int, config_file: Path | None, as_json: bool) -> N
             duplicate_of=row["duplicate_of"],
             raw_truncated=row["raw_truncated"],
             payload_sha256=row["payload_sha256"],
+            diagnostics=diagnostics,
+            parked_at=row["parked_at"].isoformat() if row["parked_at"] else None,
+            attempts=row["attempts"],
+            events=events,
         )
         click.echo(json.dumps(data, indent=2))
         return
@@ -355,6 +315,21 @@ def messages_show(message_id: int, config_file: Path | None, as_json: bool) -> N
     if row["error"]:
         code = f"{row['error_code']}: " if row["error_code"] is not None else ""
         lines.append(f"  error        {code}{row['error']}")
+    if row["normalised_at"] is not None:
+        lines.append(
+            f"  normalised   {row['normalised_at'].isoformat()} by "
+            f"{row['mapping_id'] or '-'}/{row['rule_id'] or '-'} (attempts {row['attempts']})"
+        )
+    if row["parked_at"] is not None:
+        lines.append(f"  parked since {row['parked_at'].isoformat()}")
+    lines += [f"  {d['severity']:12} {d['code']}: {d['message']}" for d in diagnostics]
+    if events:
+        lines.append("events:")
+        lines += [
+            f"  {e['type']:23} referral {e['referral_id']} #{e['sequence']}"
+            + (f"  ANOMALY: {e['anomaly']}" if e["anomaly"] else "")
+            for e in events
+        ]
     lines.append("segments:")
     lines += [f"  {seg}" for seg in split_segments(text)]
     if ack:
@@ -380,7 +355,7 @@ def _codec_for_display(charset: str | None) -> str:
     "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=_PORT, default=2575, show_default=True)
+@click.option("--port", type=PORT, default=2575, show_default=True)
 @click.option(
     "--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None
 )
@@ -449,3 +424,11 @@ def send(
     if failures:
         click.echo(f"{failures} of {len(batch)} messages were not accepted", err=True)
         sys.exit(1)
+
+
+# -- command groups in their own modules ----------------------------------------------
+
+main.add_command(referrals)
+main.add_command(mappings)
+messages.add_command(replay)
+messages.add_command(parked)

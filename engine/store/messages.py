@@ -37,6 +37,9 @@ _SUMMARY = (
     messages.c.error_code,
     messages.c.error,
     messages.c.size,
+    messages.c.normalised_at,
+    messages.c.mapping_id,
+    messages.c.rule_id,
 )
 
 

@@ -1,0 +1,417 @@
+"""``refloop referrals list|show|rebuild`` and ``refloop messages replay|parked``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import Engine
+
+from engine.config import Config
+from engine.domain.referral import State
+from engine.edges.cli_common import config_option, load, open_checked, parse_since
+from engine.services.pipeline import Report
+
+_STATES = click.Choice([s.value for s in State])
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+# -- referrals -----------------------------------------------------------------------
+
+
+@click.group()
+def referrals() -> None:
+    """Referrals: the projection of the event log."""
+
+
+@referrals.command("list")
+@config_option
+@click.option("--state", type=_STATES, default=None)
+@click.option("--needs-review", is_flag=True, help="Only referrals linked with low confidence.")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def referrals_list(
+    config_file: Path | None,
+    state: str | None,
+    needs_review: bool,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """List referrals, most recently changed first."""
+    from engine.store.referrals import list_referrals
+
+    engine = open_checked(load(config_file))
+    out = sys.stdout
+    try:
+        with engine.connect() as conn:
+            if not as_json:
+                out.write(
+                    f"{'ID':36}  {'STATE':21}  {'PLACER ORDER':20}  {'SPECIALTY':16}  "
+                    f"{'UPDATED (UTC)':19}  REVIEW\n"
+                )
+            for row in list_referrals(conn, state=state, needs_review=needs_review, limit=limit):
+                if as_json:
+                    out.write(json.dumps(_referral_json(row)) + "\n")
+                    continue
+                placer = row["placer_order_number"] or "-"
+                out.write(
+                    f"{row['id']:36}  {row['state']:21}  {placer[:20]:20}  "
+                    f"{(row['specialty'] or '-')[:16]:16}  "
+                    f"{row['updated_at']:%Y-%m-%d %H:%M:%S}  "
+                    f"{'yes' if row['needs_review'] else '-'}\n"
+                )
+    finally:
+        engine.dispose()
+
+
+def _referral_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "state": row["state"],
+        "placer_order_number": row["placer_order_number"],
+        "placer_assigner": row["placer_assigner"],
+        "referral_number": row["referral_number"],
+        "specialty": row["specialty"],
+        "priority": row["priority"],
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+        "events": row["last_sequence"],
+        "needs_review": bool(row["needs_review"]),
+    }
+
+
+@referrals.command("show")
+@click.argument("ref")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="An object with the state and events.")
+def referrals_show(ref: str, config_file: Path | None, as_json: bool) -> None:
+    """Show one referral (by id or placer order number) and its timeline."""
+    from engine.store.referrals import find_referrals, keys_of, timeline
+
+    engine = open_checked(load(config_file))
+    try:
+        with engine.connect() as conn:
+            found = find_referrals(conn, ref)
+            if len(found) > 1:
+                ids = ", ".join(
+                    f"{r['id']} ({r['placer_assigner'] or 'no assigner'})" for r in found
+                )
+                raise click.ClickException(
+                    f"placer order number {ref} belongs to {len(found)} referrals: {ids}; "
+                    "show one by its id"
+                )
+            if not found:
+                raise click.ClickException(f"no referral with id or placer order number {ref}")
+            referral = found[0]
+            events = timeline(conn, referral["id"])
+            keys = keys_of(conn, referral["id"])
+    finally:
+        engine.dispose()
+    if as_json:
+        data = _referral_json(referral)
+        data.update(
+            patient_key=referral["patient_key"],
+            data=referral["data"],
+            keys=keys,
+            events=[_event_json(e) for e in events],
+        )
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo("\n".join(_timeline_text(referral, keys, events)))
+
+
+def _event_json(e: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "sequence": e["sequence"],
+        "id": e["id"],
+        "type": e["type"],
+        "occurred_at": _iso(e["occurred_at"]),
+        "recorded_at": _iso(e["recorded_at"]),
+        "message_id": e["message_id"],
+        "message_type": e["message_type"],
+        "control_id": e["control_id"],
+        "mapping_id": e["mapping_id"],
+        "mapping_digest": e["mapping_digest"],
+        "rule_id": e["rule_id"],
+        "correlation_method": e["correlation_method"],
+        "confidence": e["confidence"],
+        "state_before": e["state_before"],
+        "state_after": e["state_after"],
+        "anomaly": e["anomaly"],
+        "fields": e["fields"],
+    }
+
+
+def _timeline_text(
+    referral: dict[str, Any], keys: Sequence[dict[str, str]], events: Sequence[dict[str, Any]]
+) -> list[str]:
+    placer = referral["placer_order_number"] or "-"
+    if referral["placer_assigner"]:
+        placer += f" ({referral['placer_assigner']})"
+    review = "   NEEDS REVIEW (linked with low confidence)" if referral["needs_review"] else ""
+    lines = [
+        f"referral {referral['id']}   {referral['state']}{review}",
+        f"  placer order  {placer}   referral number {referral['referral_number'] or '-'}",
+        f"  specialty     {referral['specialty'] or '-'}   priority {referral['priority'] or '-'}",
+        f"  created       {_iso(referral['created_at'])}   updated {_iso(referral['updated_at'])}",
+        "  keys          "
+        + (
+            ", ".join(
+                f"{k['kind']} {k['value']}" + (f"^{k['assigner']}" if k["assigner"] else "")
+                for k in keys
+            )
+            or "-"
+        ),
+        "events:",
+    ]
+    for e in events:
+        source = f"message {e['message_id']}" if e["message_id"] is not None else "internal"
+        if e["message_type"]:
+            source += f" {e['message_type']}"
+        if e["control_id"]:
+            source += f" ({e['control_id']})"
+        lines.append(
+            f"  #{e['sequence']:<3} {e['occurred_at']:%Y-%m-%d %H:%M}  {e['type']:23}  "
+            f"{e['state_before'] or '-'} -> {e['state_after'] or '-'}"
+        )
+        lines.append(
+            f"        from {source}, rule {e['mapping_id'] or '-'}/{e['rule_id'] or '-'}, "
+            f"linked by {e['correlation_method']} ({e['confidence']:.2f})"
+        )
+        if e["anomaly"]:
+            lines.append(f"        ANOMALY: {e['anomaly']}")
+    return lines
+
+
+@referrals.command("rebuild")
+@config_option
+def referrals_rebuild(config_file: Path | None) -> None:
+    """Rebuild every referral projection and the key index from the event log."""
+    from engine.services.normaliser import Processor
+
+    config = load(config_file)
+    engine = open_checked(config)
+    processor = Processor(engine, _no_mappings, {})
+    try:
+        done = processor.rebuild()
+    finally:
+        processor.close()
+        engine.dispose()
+    click.echo(
+        f"rebuilt {done.referrals} referrals from {done.events} events "
+        f"({done.keys} keys indexed); {done.changed} differed from the log and were corrected"
+    )
+
+
+def _no_mappings() -> Any:
+    raise AssertionError("rebuilding folds the event log; it never normalises")
+
+
+# -- messages replay / parked ----------------------------------------------------------
+
+
+@click.command("replay")
+@click.argument("message_ids", nargs=-1, type=int)
+@config_option
+@click.option("--status", default=None, help="Every message with this status (mapping_error …).")
+@click.option("--since", default=None, help="Messages received since: ISO time or a span (2h).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+def replay(
+    message_ids: tuple[int, ...],
+    config_file: Path | None,
+    status: str | None,
+    since: str | None,
+    as_json: bool,
+) -> None:
+    """Normalise stored messages again with the current mappings (idempotent: events
+    already in the log are not appended twice)."""
+    from engine.services.normaliser import REPLAYABLE
+
+    if not (message_ids or status or since):
+        raise click.UsageError("name message ids, --status or --since")
+    if status is not None and status not in REPLAYABLE:
+        raise click.BadParameter(
+            f"{status!r}: replay takes {', '.join(sorted(REPLAYABLE))}", param_hint="--status"
+        )
+    config = load(config_file)
+    mapping_set = _mapping_set(config)
+    engine = open_checked(config)
+    try:
+        reports, types = _replay(
+            config,
+            engine,
+            mapping_set,
+            message_ids,
+            status,
+            parse_since(since) if since else None,
+        )
+    finally:
+        engine.dispose()
+    if not reports:
+        click.echo("no messages to replay", err=True)
+    for r in reports:
+        if as_json:
+            click.echo(json.dumps(_report_json(r)))
+        else:
+            click.echo(_report_text(r, types.get(r.message_id)))
+
+
+def _mapping_set(config: Config) -> Any:
+    from engine.mapping.mapset import MappingSetError
+    from engine.services.mappings import OverlayError, load_checked
+
+    root = config.mappings_dir()
+    try:
+        return load_checked(root, config.overlays())
+    except MappingSetError as exc:
+        for err in exc.errors:
+            click.echo(str(err), err=True)
+        raise click.ClickException(
+            f"the mapping set in {root} did not load ({len(exc.errors)} errors); nothing replayed"
+        ) from None
+    except OverlayError as exc:
+        raise click.ClickException(f"{config.source}: {exc}") from None
+
+
+def _replay(
+    config: Config,
+    engine: Engine,
+    mapping_set: Any,
+    ids: Sequence[int],
+    status: str | None,
+    since: datetime | None,
+) -> tuple[list[Report], dict[int, str | None]]:
+    from engine.services.normaliser import REPLAYABLE, Processor, sources_from
+    from engine.store.referrals import select_for_replay
+
+    with engine.connect() as conn:
+        chosen = select_for_replay(
+            conn, ids=ids, status=status, since=since, statuses=sorted(REPLAYABLE)
+        )
+    missing = sorted(set(ids) - {i for i, _ in chosen})
+    if missing:
+        raise click.ClickException(f"no message with id {', '.join(map(str, missing))}")
+    reports = [Report(i, s) for i, s in chosen if s not in REPLAYABLE]  # never normalised
+    wanted = [i for i, s in chosen if s in REPLAYABLE]
+    processor = Processor(engine, lambda: mapping_set, sources_from(config.mllp.listeners))
+    types: dict[int, str | None] = {}
+    batch = config.normalizer.batch_size
+    try:
+        while wanted:
+            stored = processor.eventlog.messages(wanted[:batch])
+            processor.eventlog.end()
+            types.update((m.id, m.message_type) for m in stored)
+            done = processor.process(stored, statuses=REPLAYABLE, wait=True)
+            if not done:
+                break
+            reports += done
+            finished = {r.message_id for r in done}
+            wanted = [i for i in wanted if i not in finished]
+    finally:
+        processor.close()
+    reports.sort(key=lambda r: r.message_id)
+    return reports, types
+
+
+def _report_json(r: Report) -> dict[str, Any]:
+    return {
+        "id": r.message_id,
+        "status": r.status,
+        "new_events": list(r.new_events),
+        "known_events": r.known_events,
+        "referrals": list(r.referrals),
+        "created": list(r.created),
+        "anomalies": list(r.anomalies),
+        "unparked": list(r.unparked),
+        "mapping_id": r.mapping_id or None,
+        "diagnostics": [d.as_dict() for d in r.diagnostics],
+    }
+
+
+def _report_text(r: Report, message_type: str | None) -> str:
+    head = f"message {r.message_id}" + (f" ({message_type})" if message_type else "")
+    if r.status not in ("processed", "ignored", "mapping_error", "parked", "received"):
+        return f"{head}: skipped: status {r.status} is never normalised"
+    parts: list[str] = []
+    if r.new_events:
+        parts.append(f"{len(r.new_events)} new event(s): {', '.join(r.new_events)}")
+    if r.known_events:
+        parts.append(f"{r.known_events} already in the log")
+    if r.created:
+        parts.append(f"created referral {', '.join(r.created)}")
+    elif r.referrals:
+        parts.append(f"referral {', '.join(r.referrals)}")
+    if r.unparked:
+        parts.append(f"released parked message(s) {', '.join(map(str, r.unparked))}")
+    parts += [f"anomaly: {a}" for a in r.anomalies]
+    if r.status == "received":
+        parts.append("re-queued: a referral it waits for has just appeared")
+    parts += [
+        f"{d.code}: {d.message}"
+        for d in r.diagnostics
+        if d.severity != "info" or r.status != "processed"
+    ]
+    if r.status == "processed" and not r.new_events and not r.known_events:
+        parts.append("no events")
+    return f"{head}: {r.status}" + (" - " + "; ".join(parts) if parts else "")
+
+
+@click.command("parked")
+@config_option
+@click.option(
+    "--status",
+    type=click.Choice(["parked", "unmatched"]),
+    default=None,
+    help="Only parked (still retried) or unmatched (past the TTL: exceptions).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def parked(config_file: Path | None, status: str | None, as_json: bool) -> None:
+    """Messages waiting for a referral (parked) and exceptions (unmatched)."""
+    from engine.store.referrals import parked_messages
+
+    engine = open_checked(load(config_file))
+    try:
+        with engine.connect() as conn:
+            rows = parked_messages(conn, [status] if status else ["parked", "unmatched"])
+    finally:
+        engine.dispose()
+    out = sys.stdout
+    if not as_json:
+        out.write(
+            f"{'ID':>8}  {'STATUS':9}  {'TYPE':12}  {'PARKED SINCE (UTC)':19}  "
+            f"{'TRIES':>5}  WAITS FOR\n"
+        )
+    for row in rows:
+        if as_json:
+            out.write(
+                json.dumps(
+                    {
+                        "id": row["id"],
+                        "status": row["status"],
+                        "message_type": row["message_type"],
+                        "control_id": row["control_id"],
+                        "listener": row["listener"],
+                        "received_at": _iso(row["received_at"]),
+                        "parked_at": _iso(row["parked_at"]),
+                        "attempts": row["attempts"],
+                        "waits_for": row["waits_for"],
+                        "diagnostics": row["diagnostics"],
+                    }
+                )
+                + "\n"
+            )
+            continue
+        since_text = f"{row['parked_at']:%Y-%m-%d %H:%M:%S}" if row["parked_at"] else "-"
+        out.write(
+            f"{row['id']:>8}  {row['status']:9}  {(row['message_type'] or '-')[:12]:12}  "
+            f"{since_text:19}  {row['attempts']:>5}  "
+            f"{', '.join(row['waits_for']) or '(no keys: patient + specialty only)'}\n"
+        )
