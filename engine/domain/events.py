@@ -56,8 +56,9 @@ _COMMON: dict[str, FieldType] = {
     "patient.sex": T.CODE,
     "specialty": T.CODE,
     "note": T.TEXT,
-    "reason": T.TEXT,
+    "reason": T.TEXT,  # why the referral exists (clinical reason)
     "reason_code": T.CODING,
+    "status_reason": T.TEXT,  # why this event happened (cancel, decline, reschedule reason)
     **{name: T.IDENTIFIER for name in CORRELATE},
 }
 _REFERRAL: dict[str, FieldType] = {
@@ -224,6 +225,7 @@ class Normalised:
     mapping_digest: str = ""
     rule_id: str = ""  # the rule that ignored the message, when outcome is IGNORED
     clues: Mapping[str, str] = field(default_factory=dict)  # patient token etc. for heuristics
+    fired: tuple[str, ...] = ()  # every rule whose condition held, even if it then failed
 
 
 _EVENT_NAMESPACE = uuid.UUID("6f1d3c1e-5b8e-4a53-9b1c-2f0f6f1a7e42")

@@ -96,6 +96,10 @@ class Compiler:
         self.errors.append(self.doc.error(at, message))
         raise _Abandon
 
+    def fail_at_key(self, at: KeyPath, message: str) -> NoReturn:
+        self.errors.append(self.doc.key_error(at, message))
+        raise _Abandon
+
     def report(self, at: KeyPath, message: str) -> None:
         """Record an error and carry on with the current unit."""
         self.errors.append(self.doc.error(at, message))
@@ -144,7 +148,7 @@ class Compiler:
     def known_keys(self, data: dict[str, Any], at: KeyPath, allowed: tuple[str, ...]) -> None:
         for key in data:
             if key not in allowed:
-                self.fail(
+                self.fail_at_key(
                     (*at, key),
                     f"unknown key {key!r}{_hint(key, allowed)}; expected one of "
                     f"{', '.join(allowed)}",
@@ -226,6 +230,12 @@ class Compiler:
         default = None
         if "default" in data:
             default = self.text(data["default"], (*at, "default"), "default")
+            if kind in ("count",) or reader is not p.Reader.STRING:
+                self.fail(
+                    (*at, "default"),
+                    "a default is text, so it only goes with text and code values (not "
+                    f"{'a count' if kind == 'count' else 'as: ' + reader.value})",
+                )
         required = (
             self.flag(data["required"], (*at, "required"), "required")
             if "required" in data
@@ -278,8 +288,13 @@ class Compiler:
         if kind == "concat":
             items = self.list_of(value, here, "concat")
             parts = tuple(self.spec(item, (*here, i)) for i, item in enumerate(items))
+            for i, part in enumerate(parts):
+                if _produces(part) not in (p.Reader.STRING, p.Reader.DECIMAL):
+                    self.fail((*here, i), "concat joins text: read each part as a string")
             return p.Concat(parts, _sep(data))
         if kind == "join":
+            if reader is not p.Reader.STRING:
+                self.fail((*at, "as"), "join makes text from a list: drop `as:`")
             return p.Join(self.path(value, here, many=True), _sep(data))
         return p.Count(self.path(value, here, many=True))
 
@@ -298,12 +313,18 @@ class Compiler:
         name, arg = next(iter(data.items()))
         here = (*at, name)
         if name == "truncate":
-            return p.Transform(name, number=self.integer(arg, here, "truncate"))
+            number = self.integer(arg, here, "truncate")
+            if number < 1:
+                self.fail(here, "truncate keeps the first n characters: n must be 1 or more")
+            return p.Transform(name, number=number)
         if name == "replace":
             args = self.mapping_of(arg, here, "replace")
             self.known_keys(args, here, ("from", "to"))
             old = self.text(args.get("from"), (*here, "from"), "replace.from")
-            return p.Transform(name, old=old, new=args.get("to") or "")
+            new = args.get("to") or ""
+            if not isinstance(new, str):
+                self.fail((*here, "to"), "replace.to must be text (empty to delete)")
+            return p.Transform(name, old=old, new=new)
         if name == "add_minutes":
             return p.Transform(name, minutes=self.spec(arg, here))
         if name == "tz":
@@ -512,6 +533,7 @@ class Compiler:
 
     def rule(self, value: Any, at: KeyPath) -> p.Rule:
         data = self.mapping_of(value, at, "a rule")
+        errors_before = len(self.errors)
         self.known_keys(data, at, RULE_KEYS)
         for key in ("id", "emit"):
             if key not in data:
@@ -543,6 +565,8 @@ class Compiler:
         when = self.condition(data["when"], (*at, "when")) if "when" in data else None
         fields: dict[str, tuple[p.Spec, KeyPath]] = {}
         for i, name in enumerate(self.list_of(data.get("use", []), (*at, "use"), "use")):
+            if not isinstance(name, str):
+                self.fail((*at, "use", i), "use lists field set names (text)")
             if name not in self.field_sets:
                 self.fail(
                     (*at, "use", i), f"no field set {name!r}{_hint(name, tuple(self.field_sets))}"
@@ -560,7 +584,9 @@ class Compiler:
             if when is None and not foreach:
                 pass  # a catch-all ignore (e.g. every ADT) is legitimate
             return p.Rule(rule_id, None, foreach, when, (), reason, self.where(at))
-        self.check_fields(emit, fields, at)
+        # A field that failed to compile is missing from `fields`: checking what the
+        # event lacks would only repeat that error in other words.
+        self.check_fields(emit, fields, at, complete=len(self.errors) == errors_before)
         if when is None and not any(_reads(spec) for spec, _ in fields.values()):
             self.fail(at, "a rule must read the message (a constant alone never makes an event)")
         return p.Rule(
@@ -574,7 +600,12 @@ class Compiler:
         )
 
     def check_fields(
-        self, emit: Event, fields: dict[str, tuple[p.Spec, KeyPath]], at: KeyPath
+        self,
+        emit: Event,
+        fields: dict[str, tuple[p.Spec, KeyPath]],
+        at: KeyPath,
+        *,
+        complete: bool = True,
     ) -> None:
         spec_of = CATALOGUE[emit]
         for name, (spec, here) in fields.items():
@@ -591,6 +622,8 @@ class Compiler:
                     f"{name} is a {kind.value}; read it with `as: {wanted}` "
                     f"(this value gives {produced.value})",
                 )
+        if not complete:
+            return
         for name in sorted(spec_of.required):
             entry = fields.get(name)
             if entry is None or not (entry[0].required or entry[0].default is not None):

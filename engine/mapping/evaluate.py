@@ -15,7 +15,6 @@ evaluation (cheap recognition of non-referral traffic); one that fires inside a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -34,12 +33,6 @@ from engine.protocol.hl7message import ABSENT, NULL, Message, Segment, Value
 from engine.protocol.hl7path import Path, parse_path, read
 
 MSH_7 = parse_path("/MSH-7")
-
-
-@dataclass(frozen=True, slots=True)
-class _Base:
-    mapping_id: str
-    mapping_digest: str
 
 
 class _Nothing:
@@ -264,21 +257,30 @@ def _source_text(spec: p.Spec) -> str:
 def instances(message: Message, anchors: tuple[str, ...]) -> list[list[Segment]]:
     """Split the message at its anchor segments (``foreach``).
 
-    An instance starts at an anchor unless the current instance has not seen that kind
-    yet — so ``ORC OBR OBX ORC OBR`` is two instances with ``foreach: [ORC, OBR]``, and
-    ``OBR OBX OBR OBX`` two as well. Segments before the first anchor belong to none.
+    Anchors are listed in the order a group opens with them (``[ORC, OBR]``). A new
+    instance starts at an anchor the current one has already seen, or at one that
+    comes earlier in that order than an anchor it has seen — so with ``[ORC, OBR]``,
+    ``ORC OBR OBX ORC OBR`` is two instances, ``OBR OBX OBR OBX`` two, and
+    ``OBR OBX ORC OBR`` two as well (the ORC opens the second order, it does not join
+    the first). Segments before the first anchor belong to none.
     """
+    rank = {name: i for i, name in enumerate(anchors)}
     out: list[list[Segment]] = []
     current: list[Segment] | None = None
     seen: set[str] = set()
+    highest = -1
     for seg in message.segments:
-        if seg.name in anchors and (current is None or seg.name in seen):
+        position = rank.get(seg.name)
+        if position is not None and (current is None or seg.name in seen or position < highest):
             current = []
             seen = set()
+            highest = -1
             out.append(current)
         if current is not None:
             current.append(seg)
-            seen.add(seg.name)
+            if position is not None:
+                seen.add(seg.name)
+                highest = max(highest, position)
     return out
 
 
@@ -316,78 +318,69 @@ def evaluate(
 ) -> Normalised:
     run = _Run(mapping, message, valuesets)
     events: list[CanonicalEvent] = []
-    ignored_by: p.Rule | None = None
+    fired: list[str] = []
+    ignored_by: p.Rule | None = None  # a message-level ignore rule
     hid_by: p.Rule | None = None  # the first rule that hid a foreach instance
-    hidden: dict[tuple[str, ...], set[int]] = {}
+    handled: dict[tuple[str, ...], set[int]] = {}  # instances some rule fired on
+    hidden: dict[tuple[str, ...], set[int]] = {}  # instances an ignore rule hid
     cuts: dict[tuple[str, ...], list[list[Segment]]] = {}
     for rule in mapping.rules:
         run.rule, run.field = rule.id, ""
         if rule.foreach and rule.foreach not in cuts:
             cuts[rule.foreach] = instances(message, rule.foreach)
         scopes: list[list[Segment] | None] = list(cuts[rule.foreach]) if rule.foreach else [None]
-        skip = hidden.setdefault(rule.foreach, set())
+        done = handled.setdefault(rule.foreach, set())
+        hid = hidden.setdefault(rule.foreach, set())
         for index, scope in enumerate(scopes):
-            if index in skip:
+            if index in hid or (mapping.first_match and index in done):
                 continue
             run.scope = scope
             run.scope_index = -1 if scope is None else _anchor_position(message, scope)
             run.scope_size = 0 if scope is None else len(scope)
             if rule.when is not None and not run.holds(rule.when):
                 continue
+            if rule.id not in fired:
+                fired.append(rule.id)
+            done.add(index)
             if rule.emit is None:
                 if scope is None:
                     ignored_by = rule
                     break
-                skip.add(index)
+                hid.add(index)
                 hid_by = hid_by or rule
                 continue
             events.append(_emit(run, rule, len(events)))
-            if mapping.first_match:
-                skip.add(index)
         run.scope, run.scope_index = None, -1
         if ignored_by is not None:
             break
         if mapping.first_match and not rule.foreach and events:
             break
     run.rule = run.field = ""
-    base = _Base(mapping.id, digest)
-    if run.failed:
+    if ignored_by is None and (events or hid_by is not None):
+        _unhandled_instances(mapping, cuts, handled, run)
+
+    def result(outcome: Outcome, **extra: Any) -> Normalised:
         return Normalised(
-            Outcome.MAPPING_ERROR,
-            (),
-            tuple(run.diagnostics),
-            mapping_id=base.mapping_id,
-            mapping_digest=base.mapping_digest,
+            outcome,
+            diagnostics=tuple(run.diagnostics),
+            mapping_id=mapping.id,
+            mapping_digest=digest,
+            fired=tuple(fired),
+            **extra,
         )
+
+    if run.failed:
+        return result(Outcome.MAPPING_ERROR)
     if not events:
         ignored_by = ignored_by or hid_by
         if ignored_by is not None:
-            return Normalised(
-                Outcome.IGNORED,
-                (),
-                tuple(run.diagnostics),
-                rule_id=ignored_by.id,
-                mapping_id=base.mapping_id,
-                mapping_digest=base.mapping_digest,
-            )
-        return _no_match(mapping, run, base)
+            return result(Outcome.IGNORED, rule_id=ignored_by.id)
+        _no_match(mapping, run)
+        return result(Outcome.MAPPING_ERROR if run.failed else Outcome.IGNORED)
     _coverage(mapping, message, run)
     if run.failed:
-        return Normalised(
-            Outcome.MAPPING_ERROR,
-            (),
-            tuple(run.diagnostics),
-            mapping_id=base.mapping_id,
-            mapping_digest=base.mapping_digest,
-        )
-    return Normalised(
-        Outcome.PROCESSED,
-        tuple(events),
-        tuple(run.diagnostics),
-        clues=_clues(events[0]),
-        mapping_id=base.mapping_id,
-        mapping_digest=base.mapping_digest,
-    )
+        return result(Outcome.MAPPING_ERROR)
+    return result(Outcome.PROCESSED, events=tuple(events), clues=_clues(events[0]))
 
 
 def _emit(run: _Run, rule: p.Rule, ordinal: int) -> CanonicalEvent:
@@ -399,8 +392,9 @@ def _emit(run: _Run, rule: p.Rule, ordinal: int) -> CanonicalEvent:
         if not isinstance(got, _Nothing):
             fields[name] = got
     run.field = ""
+    reported = {d.field for d in run.diagnostics if d.code == "required_value_missing"}
     for name in sorted(CATALOGUE[rule.emit].required):
-        if name not in fields or fields[name] is CLEAR:
+        if (name not in fields or fields[name] is CLEAR) and name not in reported:
             run.field = name
             run.note("required_value_missing", f"{rule.emit.value} needs {name}")
             run.field = ""
@@ -412,38 +406,52 @@ def _emit(run: _Run, rule: p.Rule, ordinal: int) -> CanonicalEvent:
             f"{rule.emit.value} has no correlation key (every correlate.* field is empty)",
         )
     if "occurred_at" not in fields:
+        known = {(d.code, d.path) for d in run.diagnostics if d.rule == rule.id}
+        mark = len(run.diagnostics)
+        run.field = "occurred_at"
         at = run.value(p.Spec(p.Read(MSH_7), p.Reader.DATETIME))
-        # MSH-7 without an offset is already reported once; keep the list short.
-        run.diagnostics = [
-            d
-            for d in run.diagnostics
-            if not (d.code == "timezone_assumed" and d.path == "/MSH-7" and d.rule == rule.id)
+        run.field = ""
+        # A field of this rule that read MSH-7 already said its zone was assumed.
+        run.diagnostics[mark:] = [
+            d for d in run.diagnostics[mark:] if (d.code, d.path) not in known
         ]
         if isinstance(at, str):
             fields["occurred_at"] = at
     return CanonicalEvent(rule.emit, fields, rule.id, ordinal)
 
 
-def _no_match(mapping: p.Mapping, run: _Run, base: _Base) -> Normalised:
-    text = f"no rule of {mapping.id} matched this message"
-    if mapping.on_no_match is p.OnNoMatch.ERROR:
-        run.note("no_rule_matched", text)
-        return Normalised(
-            Outcome.MAPPING_ERROR,
-            (),
-            tuple(run.diagnostics),
-            mapping_id=base.mapping_id,
-            mapping_digest=base.mapping_digest,
-        )
-    severity = "warning" if mapping.on_no_match is p.OnNoMatch.WARN else "info"
-    run.note("no_rule_matched", text, severity=severity)
-    return Normalised(
-        Outcome.IGNORED,
-        (),
-        tuple(run.diagnostics),
-        mapping_id=base.mapping_id,
-        mapping_digest=base.mapping_digest,
-    )
+_NO_MATCH_SEVERITY = {
+    p.OnNoMatch.ERROR: "error",
+    p.OnNoMatch.WARN: "warning",
+    p.OnNoMatch.IGNORE: "info",
+}
+
+
+def _no_match(mapping: p.Mapping, run: _Run) -> None:
+    severity = _NO_MATCH_SEVERITY[mapping.on_no_match]
+    run.note("no_rule_matched", f"no rule of {mapping.id} matched this message", severity=severity)
+
+
+def _unhandled_instances(
+    mapping: p.Mapping,
+    cuts: Mapping[tuple[str, ...], list[list[Segment]]],
+    handled: Mapping[tuple[str, ...], set[int]],
+    run: _Run,
+) -> None:
+    """``on_no_match`` per ``foreach`` instance: one order of three that no rule reads
+    (an ORC-1 nobody expected) is reported, not lost among its siblings' events."""
+    severity = _NO_MATCH_SEVERITY[mapping.on_no_match]
+    for anchors, cut in cuts.items():
+        done = handled.get(anchors, set())
+        for index, scope in enumerate(cut):
+            if index not in done:
+                run.note(
+                    "no_rule_matched",
+                    f"no rule of {mapping.id} matched {'/'.join(anchors)} instance "
+                    f"{index + 1} (starting with {scope[0].name})",
+                    path=scope[0].name,
+                    severity=severity,
+                )
 
 
 def _coverage(mapping: p.Mapping, message: Message, run: _Run) -> None:

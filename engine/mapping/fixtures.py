@@ -66,7 +66,8 @@ def case_files(root: Path) -> list[Path]:
 
 def read_messages(path: Path) -> list[str]:
     """Messages in a sample file: line endings normalised to CR, batch envelopes (FHS,
-    BHS, BTS, FTS) dropped, split at each MSH; decoded per the first MSH-18."""
+    BHS, BTS, FTS), comment lines (``#``, ``//``) and text before the first MSH dropped,
+    split at each MSH; decoded per the first MSH-18."""
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
         charset = parse_header(raw.lstrip(b"\r\n").split(b"\r")[0].split(b"\n")[0]).charset
@@ -76,11 +77,12 @@ def read_messages(path: Path) -> list[str]:
     lines = [ln for ln in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if ln]
     messages: list[list[str]] = []
     for line in lines:
-        if line[:3] in ("FHS", "BHS", "BTS", "FTS"):
+        if line[:3] in ("FHS", "BHS", "BTS", "FTS") or line.startswith(("#", "//")):
             continue
-        if line.startswith("MSH") or not messages:
+        if line.startswith("MSH"):
             messages.append([])
-        messages[-1].append(line)
+        if messages:  # text before the first MSH (a file's preamble) is not a message
+            messages[-1].append(line)
     return ["\r".join(m) + "\r" for m in messages]
 
 
@@ -93,13 +95,24 @@ def run_cases(mapset: MappingSet, files: Iterable[Path], *, name_filter: str = "
             results.extend(_run_file(mapset, doc, path, name_filter, fired))
         except SourceError as exc:
             results.append(CaseResult(exc.file, exc.line, "(file)", [exc.message]))
+        except _CaseError as exc:
+            err = exc.locate(doc)
+            results.append(
+                CaseResult(
+                    err.file, err.line, "(file)", [f"{err.file}:{err.line}:{err.column}: {exc}"]
+                )
+            )
     return Run(results, fired)
 
 
 class _CaseError(Exception):
-    def __init__(self, at: tuple[str | int, ...], message: str) -> None:
+    def __init__(self, at: tuple[str | int, ...], message: str, *, key: bool = False) -> None:
         super().__init__(message)
         self.at = at
+        self.key = key  # locate the key itself (a misspelt key), not its value
+
+    def locate(self, doc: Document) -> SourceError:
+        return doc.key_error(self.at, str(self)) if self.key else doc.error(self.at, str(self))
 
 
 def _run_file(
@@ -133,10 +146,7 @@ def _run_file(
             overlay = case.get("overlay", data.get("overlay", overlay_of(mapset.root, path)))
             got = mapset.normalise(text, received_at=received_at, overlay=overlay)
             result.result = got
-            for event in got.events:
-                fired.setdefault(got.mapping_id, set()).add(event.rule_id)
-            if got.rule_id:
-                fired.setdefault(got.mapping_id, set()).add(got.rule_id)
+            fired.setdefault(got.mapping_id, set()).update(got.fired)
             want_mapping = data.get("mapping")
             if want_mapping and got.mapping_id and got.mapping_id != want_mapping:
                 result.problems.append(f"mapping  -want {want_mapping!r}  +got {got.mapping_id!r}")
@@ -144,9 +154,10 @@ def _run_file(
             if not isinstance(expect, dict):
                 raise _CaseError(at, "a case needs `expect:` (events, rule, or error)")
             _known(doc, expect, (*at, "expect"), EXPECT_KEYS)
+            _check_expect(doc, expect, (*at, "expect"))
             result.problems.extend(_compare(expect, got))
         except _CaseError as exc:
-            err = doc.error(exc.at, str(exc))
+            err = exc.locate(doc)
             result.line = err.line
             result.problems.append(f"{err.file}:{err.line}:{err.column}: {exc}")
         out.append(result)
@@ -158,7 +169,9 @@ def _known(
 ) -> None:
     for key in data:
         if key not in keys:
-            raise _CaseError((*at, key), f"unknown key {key!r}; expected one of {', '.join(keys)}")
+            raise _CaseError(
+                (*at, key), f"unknown key {key!r}; expected one of {', '.join(keys)}", key=True
+            )
 
 
 def _message(case: Mapping[str, Any], at: tuple[str | int, ...], path: Path) -> str:
@@ -171,10 +184,36 @@ def _message(case: Mapping[str, Any], at: tuple[str | int, ...], path: Path) -> 
     if not sample.is_file():
         raise _CaseError((*at, "file"), f"no such sample file: {sample}")
     messages = read_messages(sample)
-    index = int(case.get("index", "1"))
+    raw_index = str(case.get("index", "1"))
+    if not raw_index.isdigit():
+        raise _CaseError((*at, "index"), "index is a number")
+    index = int(raw_index)
     if not 1 <= index <= len(messages):
         raise _CaseError((*at, "index"), f"{sample.name} holds {len(messages)} message(s)")
     return messages[index - 1]
+
+
+def _check_expect(doc: Document, expect: Mapping[str, Any], at: tuple[str | int, ...]) -> None:
+    """Refuse a malformed expectation at its line, before comparing anything."""
+    events = expect.get("events", [])
+    if events is not None and not isinstance(events, list):
+        raise _CaseError((*at, "events"), "events is a list of {emit, rule, fields}")
+    for i, event in enumerate(events or []):
+        here = (*at, "events", i)
+        if not isinstance(event, dict):
+            raise _CaseError(here, "an expected event is a mapping: {emit: ..., fields: {...}}")
+        _known(doc, event, here, EVENT_KEYS)
+        if not isinstance(event.get("fields", {}), dict):
+            raise _CaseError((*here, "fields"), "fields maps event fields to expected values")
+    diagnostics = expect.get("diagnostics", [])
+    if diagnostics is not None and not isinstance(diagnostics, list):
+        raise _CaseError((*at, "diagnostics"), "diagnostics is a list")
+    for i, diag in enumerate(diagnostics or []):
+        if isinstance(diag, dict):
+            _known(doc, diag, (*at, "diagnostics", i), DIAGNOSTIC_KEYS)
+    error = expect.get("error")
+    if isinstance(error, dict):
+        _known(doc, error, (*at, "error"), DIAGNOSTIC_KEYS)
 
 
 def _compare(expect: Mapping[str, Any], got: Normalised) -> list[str]:
@@ -187,6 +226,8 @@ def _compare(expect: Mapping[str, Any], got: Normalised) -> list[str]:
             want_outcome = Outcome.IGNORED.value
         elif expect.get("events"):
             want_outcome = Outcome.PROCESSED.value
+        elif "events" in expect:
+            want_outcome = Outcome.IGNORED.value  # `events: []`: nothing, and no error
     if want_outcome is not None and want_outcome != got.outcome.value:
         problems.append(f"outcome  -want {want_outcome!r}  +got {got.outcome.value!r}")
         problems.extend(f"  {_diag_text(d)}" for d in got.diagnostics if d.severity != "info")

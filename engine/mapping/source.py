@@ -15,7 +15,7 @@ validation can point at ``orm_o01.map.yaml:42:7``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,9 @@ class SourceError(Exception):
 @dataclass(frozen=True, slots=True)
 class Document:
     data: Any
-    positions: dict[KeyPath, Position]
+    positions: dict[KeyPath, Position]  # where each value starts
     file: str
+    key_positions: dict[KeyPath, Position] = field(default_factory=dict)  # where each key is
 
     def error(self, path: KeyPath, message: str) -> SourceError:
         """A :class:`SourceError` at the node ``path`` (or its nearest written parent)."""
@@ -50,6 +51,13 @@ class Document:
         while probe and probe not in self.positions:
             probe = probe[:-1]
         pos = self.positions.get(probe, Position(1, 1))
+        return SourceError(self.file, pos.line, pos.column, message)
+
+    def key_error(self, path: KeyPath, message: str) -> SourceError:
+        """A :class:`SourceError` at the key of ``path`` (e.g. a misspelt key), not its value."""
+        pos = self.key_positions.get(path)
+        if pos is None:
+            return self.error(path, message)
         return SourceError(self.file, pos.line, pos.column, message)
 
 
@@ -70,18 +78,27 @@ def loads(text: str, file: str = "<text>") -> Document:
         problem = exc.problem or exc.context or "YAML syntax error"
         raise SourceError(file, line, column, f"YAML syntax: {problem}") from None
     positions: dict[KeyPath, Position] = {}
-    data = None if node is None else _convert(node, (), positions, file)
-    return Document(data, positions, file)
+    keys: dict[KeyPath, Position] = {}
+    data = None if node is None else _convert(node, (), positions, keys, file)
+    return Document(data, positions, file, keys)
 
 
-def _convert(node: yaml.Node, path: KeyPath, positions: dict[KeyPath, Position], file: str) -> Any:
+def _convert(
+    node: yaml.Node,
+    path: KeyPath,
+    positions: dict[KeyPath, Position],
+    keys: dict[KeyPath, Position],
+    file: str,
+) -> Any:
     positions[path] = Position(node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.ScalarNode):
         if node.tag == "tag:yaml.org,2002:null" and node.value in ("", "~", "null", "Null", "NULL"):
             return None
         return str(node.value)
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, (*path, i), positions, file) for i, item in enumerate(node.value)]
+        return [
+            _convert(item, (*path, i), positions, keys, file) for i, item in enumerate(node.value)
+        ]
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -98,7 +115,10 @@ def _convert(node: yaml.Node, path: KeyPath, positions: dict[KeyPath, Position],
                     f"duplicate key {key!r} (first at line {first.line}); YAML would keep only "
                     "the last one",
                 )
-            out[key] = _convert(value_node, (*path, key), positions, file)
+            keys[(*path, key)] = Position(
+                key_node.start_mark.line + 1, key_node.start_mark.column + 1
+            )
+            out[key] = _convert(value_node, (*path, key), positions, keys, file)
         return out
     raise _at(file, node, "unsupported YAML node")
 

@@ -9,8 +9,6 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-import pytest
-
 from engine.edges.cli import main
 from engine.mapping.schema import SCHEMAS, render
 from tests.helpers import REFLOOP
@@ -144,7 +142,7 @@ def test_check_prints_every_error_as_file_line_column(tmp_path: Path) -> None:
     valueset = root / "valuesets/priority.yaml"
     orders = root / "hl7v2/orders.map.yaml"
     assert lines[0] == (
-        f"{valueset}:3:13: error: unknown key 'on_unmaped' (did you mean 'on_unmapped'?); "
+        f"{valueset}:3:1: error: unknown key 'on_unmaped' (did you mean 'on_unmapped'?); "
         "expected one of schema, id, description, target, case_sensitive, on_unmapped, map"
     )
     # The broken table is missing for the mapping too; both problems are listed.
@@ -223,16 +221,11 @@ def test_a_bad_fixture_file_is_a_failure_not_a_crash(tmp_path: Path) -> None:
     result = refloop("test", str(root), cwd=tmp_path)
     assert result.returncode == 1
     broken = root / "hl7v2/tests/broken.cases.yaml"
-    assert f"FAIL {broken}:3 > x\n  {broken}:3:13: unknown key 'mesage'" in result.stdout
+    assert f"FAIL {broken}:3 > x\n  {broken}:3:5: unknown key 'mesage'" in result.stdout
     assert result.stdout.splitlines()[-1] == "2 passed, 1 failed"
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: an unknown top-level key in a *.cases.yaml escapes run_cases as "
-    "fixtures._CaseError and `refloop mappings test` exits with a traceback",
-)
 def test_an_unknown_top_level_fixture_key_is_reported_not_a_traceback(tmp_path: Path) -> None:
     root = good_set(tmp_path / "maps")
     write(root, {"hl7v2/tests/broken.cases.yaml": "cases: []\nmapings: x\n"})

@@ -998,6 +998,14 @@ FOREACH = """\
             ["a1"],
             id="segments-before-first-anchor",
         ),
+        pytest.param(
+            # The ORC opens the second order; it must not join the first (which has none).
+            "[ORC, OBR]",
+            ["OBR|1|A", "OBX|1|TX|||a1", "ORC|NW|B", "OBR|2|B", "OBX|1|TX|||b1"],
+            ["A", "B"],
+            ["a1", "b1"],
+            id="OBR-OBX-ORC-OBR",
+        ),
     ],
 )
 def test_foreach_splits_instances(
@@ -1369,12 +1377,6 @@ def test_digest_changes_with_any_file_of_the_set(tmp_path: Path) -> None:
     assert first.digest != other.digest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: occurred_at taken from MSH-7 without an offset silently assumes "
-    "defaults.timezone; evaluate._emit drops the timezone_assumed diagnostic it just "
-    "produced (the comment says it was 'already reported once', but nothing reported it)",
-)
 def test_occurred_at_from_msh7_without_offset_reports_timezone_assumed(tmp_path: Path) -> None:
     mapset = load(tmp_path, one_field("note", "NTE-3"))
     result = normalise(mapset, MSH.replace("20250304101500-0600", "20250304101500"), ORC)
@@ -1382,12 +1384,6 @@ def test_occurred_at_from_msh7_without_offset_reports_timezone_assumed(tmp_path:
     assert "timezone_assumed" in codes(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: evaluate._emit drops every timezone_assumed diagnostic with path "
-    "/MSH-7 of the rule when it fills occurred_at, including one from the analyst's own "
-    "field that reads /MSH-7",
-)
 def test_a_field_reading_msh7_keeps_its_timezone_assumed(tmp_path: Path) -> None:
     mapset = load(tmp_path, one_field("requested_at", "{path: /MSH-7, as: datetime}"))
     result = normalise(mapset, MSH.replace("20250304101500-0600", "20250304101500"), ORC)
@@ -1582,3 +1578,36 @@ def test_normalise_never_raises_on_any_text(property_set: MappingSet, text: str)
         assert result.events == ()
     else:
         assert result.events
+
+
+def test_an_instance_no_rule_reads_is_reported_beside_its_siblings_events(
+    tmp_path: Path,
+) -> None:
+    mapset = load(
+        tmp_path,
+        mapping(
+            """\
+            - id: new
+              emit: referral.created
+              foreach: ORC
+              when: {path: ORC-1, equals: NW}
+              fields:
+                correlate.placer_order: {path: ORC-2, as: identifier}
+                patient.identifier: {path: /PID-3, as: identifier, required: true}
+            """,
+            defaults="timezone: America/Chicago, on_no_match: warn",
+        ),
+    )
+    result = normalise(mapset, MSH, "PID|1||P1^^^H^MR", "ORC|NW|A", "ORC|SN|B")
+    assert result.outcome is Outcome.PROCESSED
+    assert [e.fields["correlate.placer_order"]["value"] for e in result.events] == ["A"]
+    warning = only(result, "no_rule_matched")
+    assert (warning.severity, warning.path) == ("warning", "ORC")
+    assert "instance 2" in warning.message
+
+
+def test_rules_that_fired_are_listed_even_when_the_message_fails(tmp_path: Path) -> None:
+    mapset = load(tmp_path, one_field("note", "{path: NTE-3, required: true}"))
+    result = normalise(mapset, MSH, ORC)
+    assert result.outcome is Outcome.MAPPING_ERROR
+    assert result.fired == ("r",)

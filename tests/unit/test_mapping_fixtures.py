@@ -451,14 +451,14 @@ def test_sample_index_out_of_range_and_missing_file(tmp_path: Path) -> None:
         pytest.param(
             "cases:\n  - name: a\n    mesage: x\n    expect: {events: []}\n",
             3,
-            ":3:13: unknown key 'mesage'; expected one of name, message, file, index, overlay, "
+            ":3:5: unknown key 'mesage'; expected one of name, message, file, index, overlay, "
             "expect",
             id="case-key",
         ),
         pytest.param(
             f"cases:\n  - name: a\n    message: |\n{block(NEW)}\n    expect: {{event: []}}\n",
             8,
-            ":8:21: unknown key 'event'; expected one of outcome, rule, events, diagnostics, error",
+            ":8:14: unknown key 'event'; expected one of outcome, rule, events, diagnostics, error",
             id="expect-key",
         ),
         pytest.param(
@@ -578,24 +578,12 @@ def test_overlay_fixtures_run_for_their_source(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: an unknown top-level key in a *.cases.yaml raises fixtures._CaseError "
-    "out of run_cases (only SourceError is caught), so `refloop mappings test` crashes "
-    "with a traceback instead of reporting file:line",
-)
 def test_an_unknown_top_level_fixture_key_is_reported(tmp_path: Path) -> None:
     got = one(run(tmp_path, "mapping: x\ncases: []\nextra: 1\n"))
     assert (got.line, got.ok) == (3, False)
     assert "unknown key 'extra'" in got.problems[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: malformed values in a case escape run_cases as ValueError / "
-    "AttributeError (fixtures._message int(index), _compare_events spec.get / .items(), "
-    "_compare_diagnostics getattr on an unknown key) instead of a failed case at file:line",
-)
 @pytest.mark.parametrize(
     "expect",
     [
@@ -618,11 +606,6 @@ def test_malformed_expectations_are_a_failed_case(tmp_path: Path, expect: str) -
     assert got.problems[0].startswith(f"{tmp_path / 'hl7v2/tests/t.cases.yaml'}:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: `index: two` raises ValueError out of run_cases "
-    "(fixtures._message calls int() unguarded)",
-)
 def test_a_non_numeric_sample_index_is_a_failed_case(tmp_path: Path) -> None:
     write(tmp_path, {"hl7v2/samples/lf.hl7": SAMPLES["lf.hl7"]})
     got = one(
@@ -636,12 +619,6 @@ def test_a_non_numeric_sample_index_is_a_failed_case(tmp_path: Path) -> None:
     assert got.problems == [f"{tmp_path / 'hl7v2/tests/t.cases.yaml'}:4:12: index is a number"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: `expect: {events: []}` sets no outcome, so a case passes when the "
-    "message fails to map (here: unparseable); `events: []` should at least exclude "
-    "mapping_error",
-)
 def test_expecting_no_events_does_not_pass_a_mapping_error(tmp_path: Path) -> None:
     got = one(run(tmp_path, case("events: []\n", ["garbage"])))
     assert got.result is not None
