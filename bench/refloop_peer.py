@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 PG_DATABASE = "refloop_bench"
+MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
 VARIANTS = ("pg", "sqlite")
 
 
@@ -89,6 +90,9 @@ max_connections = 256
 [logging]
 level = "warning"             # logging is not what we measure
 format = "json"
+
+[mappings]
+dir = {json.dumps(str(MAPPINGS))}   # the shipped set: the daemon normalises after the ACK
 """
     )
 

@@ -190,7 +190,12 @@ class Processor:
         if not messages:
             return []
         mapping_set = self._mapping_set()
-        inbound = [self._normalise(mapping_set, m) for m in messages]
+        inbound = []
+        for m in messages:
+            inbound.append(self._normalise(mapping_set, m))
+            # Mapping is pure CPU under the GIL; yielding between messages lets the
+            # listeners and the writer (whose senders are waiting for an ACK) go first.
+            time.sleep(0)
         try:
             return self._apply(messages, inbound, statuses, wait)
         except Busy:

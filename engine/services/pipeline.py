@@ -104,7 +104,7 @@ def lookup_values(results: Iterable[Normalised]) -> tuple[set[str], set[str]]:
         if r.outcome is not Outcome.PROCESSED:
             continue
         for ev in r.events:
-            values.update(k.normalised().value for k in keys_of(ev))
+            values.update(k.value for k in keys_of(ev))
         if r.clues.get("patient"):
             patients.add(r.clues["patient"])
     return values, patients
@@ -158,6 +158,7 @@ class _Batch:
         self.updates: dict[int, MessageUpdate] = {}
         self.reports: dict[int, Report] = {}
         self.unpark: list[int] = []
+        self.parked_here: set[int] = set()  # parked earlier in this batch
 
     def open_referrals(
         self, staged: Mapping[str, Referral], patient: str
@@ -221,6 +222,7 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
     anomalies: list[str] = []
     methods: list[str] = []
     parked_reason: str | None = None
+    offered = {id(ev): keys_of(ev) for ev in r.events}  # asked for several times below
     for ev in sorted(r.events, key=lambda e: e.ordinal):
         eid = event_id(mid, ev)
         if eid in b.logged:
@@ -229,12 +231,12 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
             continue
         when = occurred_at(ev, item.received_at)
         clues = Clues(
-            keys=keys_of(ev),
+            keys=offered[id(ev)],
             patient=r.clues.get("patient", ""),
             specialty=r.clues.get("specialty", ""),
             occurred_at=when,
         )
-        index = _merged(b.index, staged_index)
+        index = _Overlay(b.index, staged_index) if staged_index else b.index
         # A new order is its own referral unless its keys say otherwise: the patient +
         # specialty heuristic is for messages that lost their keys, not for orders (a
         # patient may well have two cardiology referrals).
@@ -276,8 +278,8 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
                 fields=fields_json,
             )
         )
-        for key in keys_of(ev):
-            owners = _merged(b.index, staged_index).get(key, frozenset())
+        for key in offered[id(ev)]:
+            owners = b.index.get(key, frozenset()) | staged_index.get(key, frozenset())
             if rid not in owners:
                 staged_index[key] = staged_index.get(key, frozenset()) | {rid}
                 keys.append((key, rid))
@@ -291,7 +293,7 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
     if parked_reason is not None:
         waits = tuple(
             sorted(
-                {k for ev in r.events for k in keys_of(ev)},
+                {k for keys in offered.values() for k in keys},
                 key=lambda k: (k.kind.value, k.value, k.assigner),
             )
         )
@@ -306,6 +308,7 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
             diagnostics=(*r.diagnostics, note),
             mapping_id=r.mapping_id,
         )
+        b.parked_here.add(mid)
         return False
 
     # The whole message went through: keep its changes.
@@ -340,10 +343,10 @@ def _release(b: _Batch, new_keys: Sequence[Key], by: int) -> list[int]:
     if not new_keys:
         return []
     released: list[int] = []
-    for mid, update in list(b.updates.items()):
-        if update.status == "parked" and any(
-            _releases(w, k) for w in update.keys for k in new_keys
-        ):
+    for mid in sorted(b.parked_here):
+        update = b.updates[mid]
+        if any(_releases(w, k) for w in update.keys for k in new_keys):
+            b.parked_here.discard(mid)
             b.updates[mid] = MessageUpdate(
                 mid, "received", update.diagnostics, update.mapping_id, update.rule_id, True
             )
@@ -362,15 +365,26 @@ def _release(b: _Batch, new_keys: Sequence[Key], by: int) -> list[int]:
     return sorted(released)
 
 
-def _merged(
-    index: Mapping[Key, frozenset[str]], staged: Mapping[Key, frozenset[str]]
-) -> Mapping[Key, frozenset[str]]:
-    if not staged:
-        return index
-    out = dict(index)
-    for key, ids in staged.items():
-        out[key] = out.get(key, frozenset()) | ids
-    return out
+class _Overlay(Mapping[Key, frozenset[str]]):
+    """The batch's index with this message's staged keys on top, without copying it."""
+
+    def __init__(
+        self, base: Mapping[Key, frozenset[str]], staged: Mapping[Key, frozenset[str]]
+    ) -> None:
+        self._base, self._staged = base, staged
+
+    def __getitem__(self, key: Key) -> frozenset[str]:
+        found = self._base.get(key, frozenset()) | self._staged.get(key, frozenset())
+        if not found:
+            raise KeyError(key)
+        return found
+
+    def __iter__(self) -> Iterator[Key]:
+        yield from self._base
+        yield from (k for k in self._staged if k not in self._base)
+
+    def __len__(self) -> int:
+        return len(self._base) + sum(1 for k in self._staged if k not in self._base)
 
 
 def _why_parked(ev: CanonicalEvent, method: str, candidates: Sequence[str]) -> str:
