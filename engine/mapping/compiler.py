@@ -31,6 +31,8 @@ from engine.protocol.hl7types import COMPOSITES, field_type
 
 MAPPING_SCHEMA = "referral-mapping/v1"
 VALUESET_SCHEMA = "referral-valueset/v1"
+SOURCE_SCHEMA = "referral-source/v1"
+SOURCE_KEYS = ("schema", "description", "timezone")
 
 MAPPING_KEYS = ("schema", "id", "title", "match", "defaults", "segments", "field_sets", "rules")
 MATCH_KEYS = ("message_type", "when")
@@ -639,6 +641,20 @@ class Compiler:
                 "correlate.referral_id, correlate.placer_order, correlate.filler_order, "
                 "correlate.appointment",
             )
+
+    # ---- a source's own settings (sources/<name>/source.yaml) ------------------------
+
+    def source_settings(self) -> p.SourceSettings | None:
+        try:
+            data = self.mapping_of(self.doc.data, (), "a source settings file")
+            self.known_keys(data, (), SOURCE_KEYS)
+            zone = None
+            if "timezone" in data:
+                name = self.text(data["timezone"], ("timezone",), "timezone")
+                zone = (self.zone(name, ("timezone",)), name)
+            return p.SourceSettings(self.overlay or "", self.doc.file, zone)
+        except _Abandon:
+            return None
 
     # ---- value sets -----------------------------------------------------------------
 

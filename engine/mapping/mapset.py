@@ -7,6 +7,8 @@ Layout under the mappings directory::
     hl7v2/tests/*.cases.yaml      fixtures (run by `refloop mappings test`)
     sources/<name>/...            an overlay for one sending system: its own mappings,
                                   valuesets/ and tests/, chosen per listener in engine.toml
+    sources/<name>/source.yaml    that system's settings (referral-source/v1), e.g. the
+                                  time zone of timestamps it sends without an offset
     _schema/                      generated JSON Schemas for editors (not loaded)
 
 Loading is all-or-nothing: every file is read, validated and compiled, and any error
@@ -22,13 +24,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 from engine.domain.events import Diagnostic, Normalised, Outcome
 from engine.mapping import plan as p
-from engine.mapping.compiler import MAPPING_SCHEMA, VALUESET_SCHEMA, Compiler
+from engine.mapping.compiler import MAPPING_SCHEMA, SOURCE_SCHEMA, VALUESET_SCHEMA, Compiler
 from engine.mapping.evaluate import evaluate, matches
 from engine.mapping.source import Document, SourceError, load
 from engine.protocol.hl7message import Message
@@ -54,16 +56,27 @@ class MappingSet:
     mappings: tuple[p.Mapping, ...]
     valuesets: Mapping[str | None, Mapping[str, p.ValueSet]]  # overlay (None: shared) → id → set
     files: tuple[Path, ...] = field(default=())
+    sources: Mapping[str, p.SourceSettings] = field(default_factory=dict)
 
     @property
     def overlays(self) -> frozenset[str]:
-        return frozenset(k for k in self.valuesets if k is not None) | frozenset(
-            m.overlay for m in self.mappings if m.overlay is not None
+        return (
+            frozenset(k for k in self.valuesets if k is not None)
+            | frozenset(m.overlay for m in self.mappings if m.overlay is not None)
+            | frozenset(self.sources)
         )
 
     def candidates(self, overlay: str | None) -> list[p.Mapping]:
         own = [m for m in self.mappings if overlay is not None and m.overlay == overlay]
         return own + [m for m in self.mappings if m.overlay is None]
+
+    def _for_source(self, mapping: p.Mapping, overlay: str | None) -> p.Mapping:
+        """A shared mapping reading a source that states its own time zone uses it."""
+        settings = self.sources.get(overlay or "")
+        if mapping.overlay is not None or settings is None or settings.timezone is None:
+            return mapping
+        zone, name = settings.timezone
+        return replace(mapping, timezone=zone, timezone_name=name)
 
     def tables(self, overlay: str | None) -> dict[str, p.ValueSet]:
         return {**self.valuesets.get(None, {}), **self.valuesets.get(overlay, {})}
@@ -79,6 +92,7 @@ class MappingSet:
         tables = self.tables(overlay)
         for mapping in self.candidates(overlay):
             if matches(mapping, message, tables):
+                mapping = self._for_source(mapping, overlay)
                 return evaluate(
                     mapping, message, tables, digest=self.digest, received_at=received_at
                 )
@@ -117,6 +131,12 @@ def _kind(root: Path, path: Path) -> str | None:
         return "mapping"
     if name.endswith(".cases.yaml"):
         return "cases"
+    if (
+        name == "source.yaml"
+        and overlay_of(root, path) is not None
+        and path.parent.parent.name == SOURCES_DIR
+    ):
+        return "source"
     if path.parent.name == VALUESETS_DIR:
         return "valueset"
     return None
@@ -139,7 +159,7 @@ def load_mapping_set(root: Path) -> MappingSet:
     if not root.is_dir():
         raise MappingSetError([SourceError(str(root), 1, 1, "no such mappings directory")])
     errors: list[SourceError] = []
-    docs: dict[str, list[tuple[Path, Document]]] = {"mapping": [], "valueset": []}
+    docs: dict[str, list[tuple[Path, Document]]] = {"mapping": [], "valueset": [], "source": []}
     digest = hashlib.sha256()
     files = mapping_files(root)
     for path in files:
@@ -163,7 +183,7 @@ def load_mapping_set(root: Path) -> MappingSet:
         except SourceError as exc:
             errors.append(exc)
             continue
-        expected = MAPPING_SCHEMA if kind == "mapping" else VALUESET_SCHEMA
+        expected = {"mapping": MAPPING_SCHEMA, "valueset": VALUESET_SCHEMA}.get(kind, SOURCE_SCHEMA)
         schema = doc.data.get("schema") if isinstance(doc.data, dict) else None
         if schema != expected:
             errors.append(doc.error(("schema",), f"expected `schema: {expected}` at the top"))
@@ -184,6 +204,14 @@ def load_mapping_set(root: Path) -> MappingSet:
             )
             continue
         scope[vs.id] = vs
+
+    sources: dict[str, p.SourceSettings] = {}
+    for path, doc in docs["source"]:
+        compiler = Compiler(doc, overlay_of(root, path), frozenset())
+        settings = compiler.source_settings()
+        errors.extend(compiler.errors)
+        if settings is not None:
+            sources[settings.overlay] = settings
 
     shared = frozenset(valuesets.get(None, {}))
     mappings: list[p.Mapping] = []
@@ -213,4 +241,5 @@ def load_mapping_set(root: Path) -> MappingSet:
         mappings=tuple(mappings),
         valuesets=valuesets,
         files=tuple(files),
+        sources=sources,
     )

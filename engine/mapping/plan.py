@@ -211,3 +211,14 @@ class ValueSet:
 
     def lookup(self, code: str) -> str | None:
         return self.entries.get(code if self.case_sensitive else code.casefold())
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    """``sources/<name>/source.yaml``: what is true of everything one sender sends."""
+
+    overlay: str
+    file: str
+    # The zone of its timestamps sent without an offset; applied to the shared mappings
+    # that read this source's messages (its own mappings state their zone themselves).
+    timezone: tuple[ZoneInfo, str] | None = None

@@ -204,10 +204,23 @@ def cases_schema() -> dict[str, Any]:
     }
 
 
+def source_schema() -> dict[str, Any]:
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://refloop.dev/schema/referral-source.v1.json",
+        "title": "refloop source settings (sources/<name>/source.yaml)",
+        **_closed(
+            {"schema": {"const": c.SOURCE_SCHEMA}, "description": _TEXT, "timezone": _TEXT},
+            ("schema",),
+        ),
+    }
+
+
 SCHEMAS = {
     "referral-mapping.v1.json": mapping_schema,
     "referral-valueset.v1.json": valueset_schema,
     "referral-cases.v1.json": cases_schema,
+    "referral-source.v1.json": source_schema,
 }
 
 

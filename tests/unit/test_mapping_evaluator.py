@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from engine.domain.events import CLEAR, Diagnostic, Normalised, Outcome
 from engine.domain.referral import Event
-from engine.mapping.mapset import MappingSet, load_mapping_set
+from engine.mapping.mapset import MappingSet, MappingSetError, load_mapping_set
 
 RECEIVED = datetime(2025, 3, 4, 16, 0, tzinfo=UTC)
 MSH = "MSH|^~\\&|EHR|CLINIC|REFLOOP|HUB|20250304101500-0600||ORM^O01^ORM_O01|C1|P|2.5.1"
@@ -1611,3 +1611,39 @@ def test_rules_that_fired_are_listed_even_when_the_message_fails(tmp_path: Path)
     result = normalise(mapset, MSH, ORC)
     assert result.outcome is Outcome.MAPPING_ERROR
     assert result.fired == ("r",)
+
+
+def test_a_source_time_zone_applies_to_shared_mappings_reading_that_source(
+    tmp_path: Path,
+) -> None:
+    mapset = load(
+        tmp_path,
+        one_field("requested_at", "{path: ORC-9, as: datetime}"),
+        **{
+            "sources/acme/source.yaml": (
+                "schema: referral-source/v1\ntimezone: America/New_York\n"
+            ),
+        },
+    )
+    body = "ORC|NW|PLC1^EHR|||||||20250704101200"
+    acme = normalise(mapset, MSH, body, overlay="acme")
+    other = normalise(mapset, MSH, body)
+    assert acme.events[0].fields["requested_at"] == "2025-07-04T10:12:00-04:00"
+    assert other.events[0].fields["requested_at"] == "2025-07-04T10:12:00-05:00"
+    assert only(acme, "timezone_assumed").message.endswith("America/New_York assumed")
+    assert "acme" in mapset.overlays
+
+
+def test_a_bad_source_settings_file_is_refused_with_its_position(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "hl7v2/x.map.yaml": one_field("note", "NTE-3"),
+            "sources/acme/source.yaml": "schema: referral-source/v1\ntimezone: Mars/Base\n",
+        },
+    )
+    with pytest.raises(MappingSetError) as caught:
+        load_mapping_set(tmp_path)
+    (error,) = caught.value.errors
+    assert (Path(error.file).name, error.line, error.column) == ("source.yaml", 2, 11)
+    assert "unknown time zone 'Mars/Base'" in error.message
