@@ -88,7 +88,9 @@ def drain(url: str, n: int, batch: int) -> dict[str, float]:
     }
 
 
-def live(url: str, n: int, conns: int, workdir: Path, *, off: bool = False) -> dict[str, float]:
+def live(
+    url: str, n: int, conns: int, workdir: Path, *, off: bool = False, file: Path | None = None
+) -> dict[str, float]:
     """The daemon as a subprocess, driven by the shared C load generator (mllp_load)."""
     import json
     import os
@@ -119,8 +121,9 @@ def live(url: str, n: int, conns: int, workdir: Path, *, off: bool = False) -> d
     )
     # Whole loops, distinct placer numbers; 16 connections interleave them, so SIUs often
     # arrive before their order and are parked, then released: the real mix.
-    hl7 = workdir / f"loops-{port}.hl7"
-    hl7.write_bytes(b"\n\n".join(m.replace(b"\r", b"\n") for m in messages(n, f"V{port}")))
+    hl7 = file or workdir / f"loops-{port}.hl7"
+    if file is None:
+        hl7.write_bytes(b"\n\n".join(m.replace(b"\r", b"\n") for m in messages(n, f"V{port}")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFLOOP_")}
     refloop = str(REPO / ".venv" / "bin" / "refloop")
     daemon = subprocess.Popen([refloop, "run", "--config", str(config)], env=env)
@@ -237,6 +240,7 @@ def main() -> None:
     ap.add_argument("--live", action="store_true", help="also run the whole daemon")
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--off", action="store_true", help="live with the normaliser turned off")
+    ap.add_argument("--file", type=Path, default=None, help="live: send this message file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         targets = [("sqlite", f"sqlite:///{tmp}/drain.db", None)]
@@ -262,7 +266,7 @@ def main() -> None:
                 lives.append(("postgresql", url, schema))
             for name, url, schema in lives:
                 try:
-                    r = live(url, args.n, args.conns, Path(tmp), off=args.off)
+                    r = live(url, args.n, args.conns, Path(tmp), off=args.off, file=args.file)
                     print(
                         f"{name:10} live ({args.conns} conns, mllp_load): {r['msgs']} msgs ACKed "
                         f"at {r['ack_msgs_per_s']:,.0f} msgs/s (ACK p99 {r['ack_p99_ms']:.1f} ms); "

@@ -36,7 +36,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from typing import Any, TypeVar
@@ -249,8 +249,7 @@ class Processor:
                 for m in messages
                 if current.get(m.id) not in statuses
             }
-            results = [i.result for i in live]
-            values, patients = lookup_values(results)
+            values = lookup_values(i.result for i in live)
             pairs = el.keys(values) if values else []
             index: dict[Key, set[str]] = {}
             for key, rid in pairs:
@@ -262,15 +261,36 @@ class Processor:
                 for ev in i.result.events
             ]
             referrals = {r.id: r for r in el.referrals({rid for _, rid in pairs})} if pairs else {}
-            if patients:
-                referrals.update((r.id, r) for r in el.open_referrals(patients))
             known = Known(
                 index={k: frozenset(v) for k, v in index.items()},
                 referrals=referrals,
                 events=el.known_events(ids) if ids else {},
-                parked=el.parked(values) if values else (),
             )
             planned = plan(live, known, now)
+            # Two lookups only when the first plan shows they matter (then plan again
+            # from scratch: planning is cheap, and rare here):
+            # - open referrals of patients whose message parked with the clues the
+            #   heuristic needs (most messages correlate by key);
+            # - parked messages waiting for a key this batch indexes anew — not for every
+            #   key it mentions, which thousands of parked messages may share. Knowing
+            #   them, the plan cuts the batch after the message that releases them.
+            hopeful = {
+                i.result.clues["patient"]
+                for i, r in zip(live, planned.reports, strict=False)
+                if r.status == "parked"
+                and i.result.clues.get("patient")
+                and i.result.clues.get("specialty")
+            }
+            extra = (
+                [r for r in el.open_referrals(hopeful) if r.id not in referrals] if hopeful else []
+            )
+            if extra:
+                known = replace(known, referrals={**referrals, **{r.id: r for r in extra}})
+                planned = plan(live, known, now)
+            fresh = {k.value for k, _ in planned.changes.keys}
+            waiting = el.parked(fresh) if fresh else []
+            if waiting:
+                planned = plan(live, replace(known, parked=waiting), now)
             el.write(planned.changes, now)
             el.commit()
         except BaseException:
@@ -402,6 +422,7 @@ class NormaliserWorker:
     """The daemon's normaliser: an asyncio task whose database work runs in one thread."""
 
     GAUGE_SECONDS = 5.0
+    DRAIN_SECONDS = 2.0
     MAX_BACKOFF = 30.0
 
     def __init__(
@@ -515,10 +536,16 @@ class NormaliserWorker:
                     await self._wake.wait()
 
     async def _drain(self) -> tuple[bool, bool]:
-        """Process batches until nothing is ``received``. Returns (another normaliser
-        holds the turn, any message was handled)."""
+        """Process batches until nothing is ``received`` (or for at most
+        ``DRAIN_SECONDS``, so reloads, the sweep and the gauges still run under a
+        steady stream; the loop then comes straight back). Returns (another
+        normaliser holds the turn, any message was handled)."""
         worked = False
+        until = time.monotonic() + self.DRAIN_SECONDS
         while not self._stopping:
+            if time.monotonic() > until:
+                self._wake.set()  # more to do: no waiting before the next round
+                return False, worked
             batch = await self._call(self.processor.next_batch, self.config.batch_size)
             if not batch:
                 return False, worked

@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-The store answers five lookups for the whole batch (indexed keys, the referrals they
-name, open referrals of the batch's patients, event ids already in the log, parked
-messages waiting for the batch's keys); :func:`plan` then walks the messages in id
-order and decides everything else in memory, so the batch costs a fixed number of
-queries whatever its size.
+The store answers a few lookups for the whole batch (indexed keys, the referrals they
+name, open referrals of the batch's patients, event ids already in the log, and — for
+the keys the batch indexes anew — parked messages waiting for them); :func:`plan` then
+walks the messages in id order and decides everything else in memory, so the batch
+costs a fixed number of queries whatever its size.
 
 For each event of a processed message, in ordinal order:
 
@@ -62,7 +62,8 @@ class Inbound:
 
 @dataclass(frozen=True, slots=True)
 class Known:
-    """What the store said before planning (each a single query for the batch)."""
+    """What the store said before planning (each a single query for the batch).
+    ``parked`` need only cover the keys the batch indexes anew (see normaliser)."""
 
     index: Mapping[Key, frozenset[str]] = field(default_factory=dict)
     referrals: Mapping[str, Referral] = field(default_factory=dict)  # by key and by patient
@@ -94,20 +95,14 @@ class Plan:
     handled: int  # messages planned; the rest of the batch is left for the next one
 
 
-def lookup_values(results: Iterable[Normalised]) -> tuple[set[str], set[str]]:
-    """(key values the batch's events carry, patients for the heuristic): what to ask
-    the store about — indexed keys and parked messages by value, open referrals by
-    patient."""
+def lookup_values(results: Iterable[Normalised]) -> set[str]:
+    """The key values a batch's events carry: what to look up in the key index."""
     values: set[str] = set()
-    patients: set[str] = set()
     for r in results:
-        if r.outcome is not Outcome.PROCESSED:
-            continue
-        for ev in r.events:
-            values.update(k.value for k in keys_of(ev))
-        if r.clues.get("patient"):
-            patients.add(r.clues["patient"])
-    return values, patients
+        if r.outcome is Outcome.PROCESSED:
+            for ev in r.events:
+                values.update(k.value for k in keys_of(ev))
+    return values
 
 
 def keys_of(ev: CanonicalEvent) -> tuple[Key, ...]:

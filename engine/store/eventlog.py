@@ -9,7 +9,7 @@ turn: ``BEGIN IMMEDIATE`` on SQLite (the database-wide write lock, taken up fron
 read-then-write never fails half-way), a transaction-scoped advisory lock on PostgreSQL
 (so two replicas, or a replica and ``refloop messages replay``, never interleave and
 per-referral order holds). Nothing is read under that lock that the batch does not need:
-five small lookups, one query each for the whole batch.
+a few small lookups, one query each for the whole batch.
 
 Events go in with ``ON CONFLICT (id) DO NOTHING``: their ids are derived from the
 message and the event, so normalising a message again appends nothing twice.

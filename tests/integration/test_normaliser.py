@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select, text
 
 from engine.domain.referral import State
+from engine.mapping.mapset import load_mapping_set
+from engine.services.normaliser import Processor, Source
 from engine.store.eventlog import Busy
 from engine.store.schema import messages, parked_keys, referral_events, referral_keys, referrals
+from tests.helpers import MAPPINGS
 from tests.loop_messages import adt, loop, orm, siu, unmapped
 from tests.normalising import drain, open_, processor, snapshot, states, statuses, store
 
@@ -224,7 +228,8 @@ def test_one_query_per_lookup_whatever_the_batch_size(engine):
     assert states(engine) == {f"Q{i}": State.NOTE_RECEIVED for i in range(40)}
     if engine.dialect.name == "sqlite":
         reads = [s for s in seen if s.lstrip().upper().startswith("SELECT")]
-        # received, statuses, keys, referrals, open referrals, known events, parked, received
+        # received, statuses, keys, referrals, known events, (parked, open referrals: only
+        # when the plan needs them), and the final empty read
         assert len(reads) <= 8, reads
 
 
@@ -247,3 +252,46 @@ def test_sqlite_and_postgres_store_the_same_json(engine):
     with engine.connect() as conn:
         fields = conn.execute(text("SELECT fields FROM referral_events")).scalar_one()
     assert fields.startswith('{"correlate.placer_order":{"namespace":"ACME","value":"PLC12"}')
+
+
+CARDIO_OVERLAY = """\
+schema: referral-mapping/v1
+id: cardio.scheduling
+title: A cardiology clinic's bookings, which never carry the referral's order number
+match:
+  message_type: SIU^S12
+defaults:
+  timezone: UTC
+segments:
+  ignore: [RGS, AIS, AIL, AIP, PV1, NTE]
+rules:
+  - id: cardio_booked
+    emit: appointment.booked
+    fields:
+      appointment_id: {path: SCH-2, as: identifier, required: true}
+      correlate.appointment: {path: SCH-2, as: identifier}
+      patient.identifier: {path: "PID-3[1]", as: identifier}
+      specialty: {const: cardiology}
+"""
+
+
+def test_a_keyless_booking_is_linked_by_patient_and_specialty_for_review(engine, tmp_path):
+    root = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS, root)
+    (root / "sources" / "cardio").mkdir(parents=True, exist_ok=True)
+    (root / "sources" / "cardio" / "scheduling.map.yaml").write_text(CARDIO_OVERLAY)
+    mapping_set = load_mapping_set(root)
+    proc = Processor(engine, lambda: mapping_set, {"test": Source(overlay="cardio")})
+    store(engine, [orm("ORDH", "PLC20"), siu("BOOKH", "PLC20", with_placer=False)])
+    reports = drain(proc)
+    # Another patient's keyless booking stays parked: nobody to link it to.
+    store(engine, [siu("BOOKX", "PLC21", with_placer=False, mrn="999999")])
+    assert [r.status for r in drain(proc)] == ["parked"]
+    proc.close()
+    assert reports[1].methods == ("heuristic",)
+    snap = snapshot(engine)
+    (referral,) = snap["referrals"]
+    assert (referral["state"], referral["needs_review"]) == ("scheduled", True)
+    assert snap["events"][1]["confidence"] == pytest.approx(0.6)
+    # The booking's appointment id is now a key: its S14 would follow it with confidence.
+    assert ("appointment", "FA-PLC20", "CLINIC", referral["id"]) in snap["keys"]
