@@ -86,7 +86,9 @@ def upgrade() -> None:
         sa.Column("value", sa.String(), nullable=False),
         sa.Column("assigner", sa.String(), nullable=False),
         sa.Column("referral_id", sa.String(36), nullable=False),
-        sa.PrimaryKeyConstraint("value", "kind", "assigner", "referral_id", name="pk_referral_keys"),
+        sa.PrimaryKeyConstraint(
+            "value", "kind", "assigner", "referral_id", name="pk_referral_keys"
+        ),
         sa.ForeignKeyConstraint(
             ["referral_id"], ["referrals.id"], name="fk_referral_keys_referral_id_referrals"
         ),
