@@ -215,6 +215,9 @@ class NormalizerConfig(_Frozen):
     retry_parked_seconds: float = Field(default=300.0, gt=0)
     # Fallback poll when no commit wakes the normaliser (another replica's messages).
     poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Run the normaliser in its own OS process (its own CPU core), so mapping a burst
+    # never slows the listeners' ACKs. false: a thread of the daemon (small machines).
+    separate_process: bool = True
 
 
 class Config(_Frozen):

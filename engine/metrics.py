@@ -42,6 +42,22 @@ NORMALIZE = "refloop_normalize_seconds"
 NORMALIZE_LAG = "refloop_normalize_lag_seconds"
 NORMALIZER_BACKLOG = "refloop_normalizer_backlog"
 
+#: What the normaliser owns; when it runs in its own process, these come from there.
+REFERRAL_CORE_FAMILIES = frozenset(
+    {
+        EVENTS,
+        REFERRALS,
+        MAPPING_ERRORS,
+        MAPPING_RELOADS,
+        PARKED,
+        UNMATCHED,
+        NORMALIZE,
+        NORMALIZE_LAG,
+        NORMALIZER_BACKLOG,
+    }
+)
+_SUFFIXES = ("", "_total", "_bucket", "_sum", "_count", "_created", "_info")
+
 # `_created` series double the exposition for no operational value.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -166,3 +182,30 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _family(line: bytes) -> str:
+    if line.startswith(b"# "):
+        parts = line.split(b" ", 3)
+        return parts[2].decode() if len(parts) > 2 else ""
+    end = len(line)
+    for stop in (b"{", b" "):
+        at = line.find(stop)
+        if 0 <= at < end:
+            end = at
+    return line[:end].decode()
+
+
+def _in(name: str, families: frozenset[str]) -> bool:
+    return any(name == f + suffix for f in families for suffix in _SUFFIXES)
+
+
+def select_families(text: bytes, families: frozenset[str], *, keep: bool = True) -> bytes:
+    """The lines of a text exposition that belong (``keep``) or do not belong to
+    ``families``: how two processes' metrics are served as one page."""
+    out = [
+        line
+        for line in text.splitlines(keepends=True)
+        if line.strip() and _in(_family(line), families) == keep
+    ]
+    return b"".join(out)

@@ -48,6 +48,10 @@ def make_config(
 ) -> Config:
     # The shipped mapping set, wherever the test runs from.
     sections.setdefault("mappings", {"dir": str(MAPPINGS)})
+    # In-process daemons normalise in a thread: spawning a normaliser process costs a
+    # second per start. The separate process is tested on its own (and by every e2e
+    # test, which runs the real daemon with its defaults).
+    sections["normalizer"] = {"separate_process": False, **sections.get("normalizer", {})}
     data: dict[str, Any] = {
         "database": {"url": database_url},
         "http": {"host": "127.0.0.1", "port": http_port},

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvicorn
 from sqlalchemy import Engine
@@ -16,9 +16,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from engine.config import Config, ListenerConfig
 from engine.edges.http_app import build_app
 from engine.edges.mllp_listener import MllpListener
+from engine.edges.normaliser_process import NormaliserProcess
 from engine.logs import get_logger
 from engine.mapping.mapset import MappingSetError
-from engine.metrics import Metrics
+from engine.metrics import REFERRAL_CORE_FAMILIES, Metrics, select_families
 from engine.services.mappings import MappingHolder, OverlayError
 from engine.services.normaliser import NormaliserWorker, sources_from
 from engine.services.writer import GroupCommitWriter
@@ -105,7 +106,8 @@ class Daemon:
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.writer: GroupCommitWriter | None = None
-        self.normaliser: NormaliserWorker | None = None
+        self.normaliser: NormaliserWorker | None = None  # in-process mode
+        self.normaliser_process: NormaliserProcess | None = None  # separate-process mode
         self.listeners: list[MllpListener] = []
         self.http: _EmbeddedServer | None = None
         self._stop = asyncio.Event()
@@ -125,7 +127,11 @@ class Daemon:
         if self.config.normalizer.enabled:
             mappings = await asyncio.to_thread(load_mappings, self.config, self.metrics)
         self.engine = await asyncio.to_thread(prepare_database, self.config)
-        if mappings is not None:
+        if mappings is not None and self.config.normalizer.separate_process:
+            # Loaded here only to refuse a bad set before anything listens; the child
+            # loads (and hot-reloads) its own.
+            self.normaliser_process = NormaliserProcess(self.config)
+        elif mappings is not None:
             self.normaliser = NormaliserWorker(
                 self.engine,
                 mappings,
@@ -140,13 +146,15 @@ class Daemon:
             self.metrics,
             max_batch=self.config.ingest.max_batch,
             lanes=lanes,
-            on_commit=self.normaliser.wake_threadsafe if self.normaliser else None,
+            on_commit=self._wake_normaliser(),
         )
         self.writer.start()
         http_task: asyncio.Task[None] | None = None
         try:
             if self.normaliser is not None:
                 self.normaliser.start()
+            if self.normaliser_process is not None:
+                self.normaliser_process.start()
             for index, lcfg in enumerate(self.config.mllp.listeners):
                 listener = MllpListener(
                     lcfg,
@@ -182,6 +190,25 @@ class Daemon:
         if self.normaliser is not None:
             log.info("daemon.reload_requested")
             self.normaliser.request_reload()
+        if self.normaliser_process is not None:
+            log.info("daemon.reload_requested")
+            self.normaliser_process.request_reload()
+
+    def _wake_normaliser(self) -> Callable[[], None] | None:
+        if self.normaliser is not None:
+            return self.normaliser.wake_threadsafe
+        if self.normaliser_process is not None:
+            return self.normaliser_process.wake_threadsafe
+        return None
+
+    def exposition(self) -> bytes:
+        """One metrics page: the daemon's own series, and the referral core's from the
+        normaliser process once it has reported (the daemon's zeros until then)."""
+        own = self.metrics.exposition()
+        child = self.normaliser_process.metrics_text() if self.normaliser_process else b""
+        if not child:
+            return own
+        return select_families(own, REFERRAL_CORE_FAMILIES, keep=False) + child
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("daemon.stopping", signal=sig.name)
@@ -190,6 +217,7 @@ class Daemon:
     async def _start_http(self) -> asyncio.Task[None]:
         app = build_app(
             self.metrics,
+            exposition=self.exposition,
             database_ok=self._database_ok,
             listeners_ok=lambda: [(x.cfg.name, x.serving) for x in self.listeners],
         )
@@ -252,6 +280,8 @@ class Daemon:
         if self.normaliser is not None:
             # It finishes the batch in hand; messages still `received` wait for the next start.
             await self.normaliser.stop()
+        if self.normaliser_process is not None:
+            await self.normaliser_process.stop()
         if self.engine is not None:
             self.engine.dispose()
         log.info("daemon.stopped")

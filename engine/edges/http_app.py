@@ -20,7 +20,10 @@ def build_app(
     *,
     database_ok: Callable[[], bool],
     listeners_ok: Callable[[], Sequence[tuple[str, bool]]],
+    exposition: Callable[[], bytes] | None = None,
 ) -> Starlette:
+    page = exposition or metrics.exposition
+
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -36,7 +39,7 @@ def build_app(
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(_: Request) -> Response:
-        return Response(metrics.exposition(), media_type=PROMETHEUS_CONTENT_TYPE)
+        return Response(page(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     return Starlette(
         routes=[

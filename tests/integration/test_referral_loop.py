@@ -103,7 +103,7 @@ async def test_a_message_that_fails_to_map_is_acked_stored_and_blocks_nothing(
 
 
 def _families(d: Daemon) -> dict:
-    return {f.name: f for f in text_string_to_metric_families(d.metrics.exposition().decode())}
+    return {f.name: f for f in text_string_to_metric_families(d.exposition().decode())}
 
 
 def _sample(d: Daemon, name: str, **labels: str) -> float | None:
