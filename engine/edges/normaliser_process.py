@@ -203,6 +203,7 @@ async def _child(config: Config, wake: Connection, report: Connection) -> None:
         sources_from(config.mllp.listeners),
         config.normalizer,
         reload_seconds=config.mappings.reload_seconds,
+        share_cpu=False,  # this process has no listeners to yield to
     )
     loop = asyncio.get_running_loop()
     done = asyncio.Event()

@@ -294,12 +294,21 @@ def _anchor_position(message: Message, scope: Sequence[Segment]) -> int:
     return -2
 
 
-def matches(mapping: p.Mapping, message: Message, valuesets: Mapping[str, p.ValueSet]) -> bool:
+def message_type(message: Message) -> tuple[str, str]:
+    """(MSH-9.1, MSH-9.2), unescaped, "" when absent: what ``match.message_type`` tests."""
     code = read(message, _MSH_9_1)
     trigger = read(message, _MSH_9_2)
-    code_text = code if isinstance(code, str) else ""
-    trigger_text = trigger if isinstance(trigger, str) else ""
-    if not any(t.matches(code_text, trigger_text) for t in mapping.message_types):
+    return (code if isinstance(code, str) else "", trigger if isinstance(trigger, str) else "")
+
+
+def matches(
+    mapping: p.Mapping,
+    message: Message,
+    valuesets: Mapping[str, p.ValueSet],
+    kind: tuple[str, str] | None = None,
+) -> bool:
+    code, trigger = kind or message_type(message)
+    if not any(t.matches(code, trigger) for t in mapping.message_types):
         return False
     return mapping.when is None or _Run(mapping, message, valuesets).holds(mapping.when)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from engine.domain.events import Diagnostic, Normalised, Outcome
 from engine.mapping import plan as p
 from engine.mapping.compiler import MAPPING_SCHEMA, SOURCE_SCHEMA, VALUESET_SCHEMA, Compiler
-from engine.mapping.evaluate import evaluate, matches
+from engine.mapping.evaluate import evaluate, matches, message_type
 from engine.mapping.source import Document, SourceError, load
 from engine.protocol.hl7message import Message
 from engine.protocol.hl7v2 import HeaderError
@@ -90,26 +90,19 @@ class MappingSet:
         except HeaderError as exc:
             return _error("unparseable", f"the message cannot be read: {exc.reason}")
         tables = self.tables(overlay)
+        kind = message_type(message)
         for mapping in self.candidates(overlay):
-            if matches(mapping, message, tables):
+            if matches(mapping, message, tables, kind):
                 mapping = self._for_source(mapping, overlay)
                 return evaluate(
                     mapping, message, tables, digest=self.digest, received_at=received_at
                 )
-        kind = (
-            "^".join(part for part in (_msh(message, 1), _msh(message, 2)) if part) or "(no MSH-9)"
-        )
+        label = "^".join(part for part in kind if part) or "(no MSH-9)"
         where = f" for source {overlay!r}" if overlay else ""
         return _error(
             "no_mapping",
-            f"no mapping handles {kind}{where}; add one (or an ignore rule) under {self.root}",
+            f"no mapping handles {label}{where}; add one (or an ignore rule) under {self.root}",
         )
-
-
-def _msh(message: Message, component: int) -> str:
-    raw = message.segments[0].field(9) or ""
-    parts = raw.split(message.delims.component)
-    return parts[component - 1] if component <= len(parts) else ""
 
 
 def _error(code: str, text: str) -> Normalised:

@@ -140,6 +140,34 @@ def read(
         segments = message.all(path.segment)
     else:
         segments = [s for s in scope if s.name == path.segment]
+    occurrence = path.occurrence
+    if type(occurrence) is int and occurrence > 0 and type(path.repetition) is int:
+        # The common case (SEG[n]-f[r].c.s, one value), without building lists.
+        if occurrence > len(segments) or path.field is None or path.repetition < 1:
+            return _read_slow(message, segments, path)
+        return _read_one(message, segments[occurrence - 1], path, path.field, path.repetition)
+    return _read_slow(message, segments, path)
+
+
+def _read_one(message: Message, seg: Segment, path: Path, field: int, repetition: int) -> Value:
+    raw = seg.field(field)
+    if raw is None or raw == "":
+        return ABSENT
+    if field != 2 or seg.name != "MSH":
+        sep = message.delims.repetition
+        if repetition == 1:
+            raw = raw.partition(sep)[0]
+        else:
+            reps = raw.split(sep)
+            if repetition > len(reps):
+                return ABSENT
+            raw = reps[repetition - 1]
+    elif repetition != 1:
+        return ABSENT
+    return _drill(message, raw, path.component, path.subcomponent)
+
+
+def _read_slow(message: Message, segments: list[Segment], path: Path) -> Value | list[Value]:
     if isinstance(path.occurrence, SegmentFilter):
         chosen = [s for s in segments if _segment_matches(message, s, path.occurrence)][:1]
     elif path.occurrence == ALL:

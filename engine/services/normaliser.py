@@ -136,9 +136,11 @@ class Processor:
         metrics: Metrics | None = None,
         *,
         clock: Callable[[], datetime] | None = None,
+        share_cpu: bool = False,
     ) -> None:
         self._engine = engine
         self._mapping_set = mapping_set
+        self._share_cpu = share_cpu
         self._sources = dict(sources)
         self._metrics = metrics
         self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
@@ -193,9 +195,11 @@ class Processor:
         inbound = []
         for m in messages:
             inbound.append(self._normalise(mapping_set, m))
-            # Mapping is pure CPU under the GIL; yielding between messages lets the
-            # listeners and the writer (whose senders are waiting for an ACK) go first.
-            time.sleep(0)
+            if self._share_cpu:
+                # In the daemon's own process, mapping is pure CPU under the GIL: yielding
+                # between messages lets the listeners and the writer (whose senders wait
+                # for an ACK) go first. A separate normaliser process has no one to wait.
+                time.sleep(0)
         try:
             return self._apply(messages, inbound, statuses, wait)
         except Busy:
@@ -435,13 +439,19 @@ class NormaliserWorker:
         *,
         reload_seconds: float = 2.0,
         clock: Callable[[], datetime] | None = None,
+        share_cpu: bool = True,
     ) -> None:
         self.config = config
         self.mappings = mappings
         self.metrics = metrics
         self.reload_seconds = reload_seconds
         self.processor = Processor(
-            engine, lambda: self.mappings.current, sources, metrics, clock=clock
+            engine,
+            lambda: self.mappings.current,
+            sources,
+            metrics,
+            clock=clock,
+            share_cpu=share_cpu,
         )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="refloop-normaliser")
         self._loop: asyncio.AbstractEventLoop | None = None
