@@ -223,7 +223,7 @@ class Normalised:
     diagnostics: tuple[Diagnostic, ...] = ()
     mapping_id: str = ""
     mapping_digest: str = ""
-    rule_id: str = ""  # the rule that ignored the message, when outcome is IGNORED
+    rule_id: str = ""  # IGNORED: the rule that ignored it; MAPPING_ERROR: the rule that failed
     clues: Mapping[str, str] = field(default_factory=dict)  # patient token etc. for heuristics
     fired: tuple[str, ...] = ()  # every rule whose condition held, even if it then failed
 

@@ -222,7 +222,7 @@ def messages_list(
             if not as_json:
                 out.write(
                     f"{'ID':>8}  {'RECEIVED (UTC)':19}  {'LISTENER':12}  {'TYPE':16}  "
-                    f"{'CONTROL ID':20}  {'STATUS':10}  ACK\n"
+                    f"{'CONTROL ID':20}  {'STATUS':13}  ACK\n"
                 )
             for row in list_messages(conn, flt):
                 if as_json:
@@ -231,7 +231,7 @@ def messages_list(
                     out.write(
                         f"{row['id']:>8}  {row['received_at']:%Y-%m-%d %H:%M:%S}  "
                         f"{row['listener'][:12]:12}  {(row['message_type'] or '-')[:16]:16}  "
-                        f"{(row['control_id'] or '-')[:20]:20}  {row['status']:10}  "
+                        f"{(row['control_id'] or '-')[:20]:20}  {row['status']:13}  "
                         f"{row['ack_code'] or '-'}\n"
                     )
     finally:

@@ -379,16 +379,16 @@ def evaluate(
         )
 
     if run.failed:
-        return result(Outcome.MAPPING_ERROR)
+        return _failed(result, run)
     if not events:
         ignored_by = ignored_by or hid_by
         if ignored_by is not None:
             return result(Outcome.IGNORED, rule_id=ignored_by.id)
         _no_match(mapping, run)
-        return result(Outcome.MAPPING_ERROR if run.failed else Outcome.IGNORED)
+        return _failed(result, run) if run.failed else result(Outcome.IGNORED)
     _coverage(mapping, message, run)
     if run.failed:
-        return result(Outcome.MAPPING_ERROR)
+        return _failed(result, run)
     return result(Outcome.PROCESSED, events=tuple(events), clues=_clues(events[0]))
 
 
@@ -427,6 +427,13 @@ def _emit(run: _Run, rule: p.Rule, ordinal: int) -> CanonicalEvent:
         if isinstance(at, str):
             fields["occurred_at"] = at
     return CanonicalEvent(rule.emit, fields, rule.id, ordinal)
+
+
+def _failed(result: Any, run: _Run) -> Normalised:
+    """A mapping_error names the rule of its first error, so an analyst knows where to look."""
+    rule = next((d.rule for d in run.diagnostics if d.severity == "error" and d.rule), "")
+    failed: Normalised = result(Outcome.MAPPING_ERROR, rule_id=rule)
+    return failed
 
 
 _NO_MATCH_SEVERITY = {

@@ -31,8 +31,11 @@ from engine.domain.correlation import Key, KeyKind
 from engine.domain.projection import Referral
 from engine.domain.referral import TERMINAL, Event, State
 
-#: pg_advisory_xact_lock key held while a normaliser batch is written ("refloop\x01").
-LOCK_KEY = 0x7265666C6F6F7001
+#: pg_advisory_xact_lock(class, key) held while a normaliser batch is written: the class
+#: is "ref1"; the key is the schema's name, hashed, so replicas sharing one schema take
+#: turns while deployments in other schemas of the same database never wait on them.
+LOCK_CLASS = 0x72656631
+LOCK_ARGS = f"{LOCK_CLASS}, hashtext(current_schema())"
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DateTime storage format on SQLite
 
 REFERRAL_COLUMNS = (
@@ -187,8 +190,10 @@ class EventLog:
             "forget_parked": f"DELETE FROM parked_keys WHERE {among('message_id')}",
             "park_key": "INSERT INTO parked_keys (message_id, kind, value, assigner) "
             f"VALUES ({m}, {m}, {m}, {m}) ON CONFLICT DO NOTHING",
+            # An unmatched message (parked past its TTL) is an exception on the
+            # worklist, but if its referral turns up after all, it goes through.
             "unpark": "UPDATE messages SET status = 'received' "
-            f"WHERE {among('id')} AND status = 'parked'",
+            f"WHERE {among('id')} AND status IN ('parked', 'unmatched')",
             "expired": "SELECT id FROM messages WHERE status = 'parked' "
             f"AND parked_at < {m} ORDER BY id",
             "expire": f"UPDATE messages SET status = 'unmatched', normalised_at = {m} "
@@ -204,10 +209,10 @@ class EventLog:
             "clear_keys": "DELETE FROM referral_keys",
         }
         self.sql["lock"] = (
-            "BEGIN IMMEDIATE" if self.sqlite else f"SELECT pg_try_advisory_xact_lock({LOCK_KEY})"
+            "BEGIN IMMEDIATE" if self.sqlite else f"SELECT pg_try_advisory_xact_lock({LOCK_ARGS})"
         )
         self.sql["lock_wait"] = (
-            "BEGIN IMMEDIATE" if self.sqlite else f"SELECT pg_advisory_xact_lock({LOCK_KEY})"
+            "BEGIN IMMEDIATE" if self.sqlite else f"SELECT pg_advisory_xact_lock({LOCK_ARGS})"
         )
 
     # -- transactions ------------------------------------------------------------------
@@ -352,8 +357,9 @@ class EventLog:
         if ids:
             cur = self.conn.cursor()
             try:
+                # Its keys stay: they say what it waited for, and release it if the
+                # referral appears later.
                 cur.execute(self.sql["expire"], (self._stamp(now), self._list(ids)))
-                cur.execute(self.sql["forget_parked"], (self._list(ids),))
             finally:
                 cur.close()
         return ids

@@ -206,7 +206,7 @@ def test_messages_parked_lists_parked_and_unmatched_with_their_keys(setup):
     proc.close()
     unmatched = invoke("messages", "parked", "--status", "unmatched", "--config", str(config))
     assert "unmatched" in unmatched.output
-    assert "(no keys: patient + specialty only)" in unmatched.output
+    assert "placer_order NOBODY^ACME" in unmatched.output
 
 
 def test_messages_show_and_list_carry_what_normalisation_decided(setup):

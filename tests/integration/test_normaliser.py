@@ -143,8 +143,25 @@ def test_parked_past_the_ttl_becomes_unmatched_and_the_rest_are_retried(engine):
     with engine.connect() as conn:
         waits = set(conn.execute(select(parked_keys.c.message_id)).scalars())
         attempts = list(conn.execute(select(messages.c.attempts).order_by(messages.c.id)).scalars())
-    assert waits == {2}  # an unmatched message waits for nothing: it is an exception
+    # An unmatched message is an exception, but it still says what it waited for.
+    assert waits == {1, 2}
     assert attempts == [1, 2]
+
+
+def test_an_unmatched_message_goes_through_when_its_referral_turns_up_late(engine):
+    now = [datetime(2026, 11, 20, 12, 0, tzinfo=UTC)]
+    proc = processor(engine, clock=lambda: now[0])
+    orm_, s12, _, _ = loop("LATE1")
+    store(engine, [s12])
+    drain(proc)
+    now[0] += timedelta(days=8)
+    proc.sweep(timedelta(days=7))
+    assert statuses(engine) == ["unmatched"]
+    store(engine, [orm_])
+    drain(proc)
+    proc.close()
+    assert statuses(engine) == ["processed", "processed"]
+    assert states(engine) == {"LATE1": State.SCHEDULED}
 
 
 def test_replay_is_idempotent_and_a_fixed_mapping_error_replays_cleanly(engine):
