@@ -112,8 +112,12 @@ def _forward(target: State, *, allowed_from: frozenset[State] | None = None) -> 
     def rule(state: State) -> Decision:
         if state == target:
             return Decision(state, changed=False)
-        if allowed_from is None and state not in TERMINAL and RANK[state] > RANK[target]:
-            return Decision(state, changed=False)  # a late receipt: already past it
+        if state not in TERMINAL and target in RANK:
+            behind = RANK[state] > RANK[target] if allowed_from else RANK[state] >= RANK[target]
+            if behind:
+                # A late receipt (a booking after the visit, an acceptance after the
+                # appointment was cancelled): the referral is already that far.
+                return Decision(state, changed=False)
         ok = (
             state in allowed_from
             if allowed_from is not None
@@ -143,6 +147,11 @@ _OPEN = frozenset(s for s in State if s not in TERMINAL)
 _BEFORE_VISIT = frozenset(
     {S.CREATED, S.AUTH_PENDING, S.SENT, S.ACCEPTED, S.SCHEDULED, S.NO_SHOW, S.APPOINTMENT_CANCELLED}
 )
+# BSeR: the recipient may decline from received, accepted and 5.1.x "active" — including
+# after the visit (5.1.4) but not once the appointment was cancelled (5.1.3).
+_DECLINABLE = (_BEFORE_VISIT - {S.APPOINTMENT_CANCELLED}) | {S.COMPLETED}
+# BSeR: a cancellation is no longer possible once the outcome (the note, 7.0) is back.
+_CANCELLABLE = _OPEN - {S.NOTE_RECEIVED}
 
 
 def _when(table: dict[State, State], otherwise: str) -> _Rule:
@@ -174,8 +183,8 @@ RULES: dict[Event, _Rule] = {
     ),
     Event.REFERRAL_SENT: _forward(S.SENT),
     Event.REFERRAL_ACCEPTED: _forward(S.ACCEPTED),
-    Event.REFERRAL_DECLINED: _forward(S.DECLINED, allowed_from=_BEFORE_VISIT),
-    Event.REFERRAL_CANCELLED: _forward(S.CANCELLED, allowed_from=_OPEN),
+    Event.REFERRAL_DECLINED: _forward(S.DECLINED, allowed_from=_DECLINABLE),
+    Event.REFERRAL_CANCELLED: _forward(S.CANCELLED, allowed_from=_CANCELLABLE),
     Event.APPOINTMENT_BOOKED: _forward(S.SCHEDULED, allowed_from=_BEFORE_VISIT),
     Event.APPOINTMENT_RESCHEDULED: _forward(S.SCHEDULED, allowed_from=_BEFORE_VISIT),
     Event.APPOINTMENT_CANCELLED: _when(

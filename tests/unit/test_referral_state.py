@@ -59,6 +59,8 @@ def run(*events: Event) -> tuple[State | None, list[str]]:
         ((E.REFERRAL_CREATED, E.CONSULT_NOTE_RECEIVED), S.NOTE_RECEIVED),
         ((E.REFERRAL_CREATED, E.REFERRAL_CANCELLED), S.CANCELLED),
         ((E.REFERRAL_CREATED, E.REFERRAL_ACCEPTED, E.REFERRAL_SENT), S.ACCEPTED),  # late receipt
+        # The booking arrives after the visit (late), or a follow-up is booked: no step back.
+        ((E.REFERRAL_CREATED, E.APPOINTMENT_COMPLETED, E.APPOINTMENT_BOOKED), S.COMPLETED),
     ],
 )
 def test_paths_without_anomalies(events, final):
@@ -79,9 +81,14 @@ def test_paths_without_anomalies(events, final):
         ((E.REFERRAL_CREATED, E.APPOINTMENT_NO_SHOW), S.CREATED, "no-show"),
         ((E.REFERRAL_CREATED, E.REFERRAL_CLOSED), S.CREATED, "cannot close"),
         (
-            (E.REFERRAL_CREATED, E.APPOINTMENT_COMPLETED, E.APPOINTMENT_BOOKED),
+            (E.REFERRAL_CREATED, E.APPOINTMENT_COMPLETED, E.APPOINTMENT_CANCELLED),
             S.COMPLETED,
-            "cannot move from completed",
+            "appointment cancelled for a referral that is completed",
+        ),
+        (
+            (E.REFERRAL_CREATED, E.CONSULT_NOTE_RECEIVED, E.REFERRAL_CANCELLED),
+            S.NOTE_RECEIVED,
+            "cannot move from note_received to cancelled",
         ),
         ((E.REFERRAL_CREATED, E.REFERRAL_DECLINED, E.REFERRAL_ACCEPTED), S.DECLINED, "declined"),
         ((E.REFERRAL_CREATED, E.CONSULT_NOTE_AMENDED), S.CREATED, "no note yet"),
@@ -113,3 +120,61 @@ def test_any_event_stream_is_decided_without_raising(events):
             # the only way out of a terminal state is closing after... nothing: never
             raise AssertionError(f"{state} -> {d.state} on {event}")
         state = d.state
+
+
+# Every state x every event, written out: the row is the state before, the column the
+# event, the cell the state after ("=" unchanged without complaint, "!" an anomaly:
+# recorded, state unchanged). Columns follow the Event enum order.
+COLUMNS = (
+    "created updated cancel sent deliv accept decline auth? auth+ auth- "
+    "book resched apt-x noshow visit note note+ close escal"
+).split()
+_ = "="
+X = "!"
+MATRIX: dict[State | None, tuple[str, ...]] = {
+    None: ("created", X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X),
+    S.CREATED: (_, _, "cancelled", "sent", _, "accepted", "declined", "auth_pending", _,
+                "auth_pending", "scheduled", "scheduled", X, X, "completed", "note_received",
+                X, X, _),
+    S.AUTH_PENDING: (_, _, "cancelled", "sent", _, "accepted", "declined", _, "created", _,
+                     "scheduled", "scheduled", X, X, "completed", "note_received", X, X, _),
+    S.SENT: (_, _, "cancelled", _, _, "accepted", "declined", X, _, X, "scheduled",
+             "scheduled", X, X, "completed", "note_received", X, X, _),
+    S.ACCEPTED: (_, _, "cancelled", _, _, _, "declined", X, _, X, "scheduled", "scheduled",
+                 X, X, "completed", "note_received", X, X, _),
+    S.SCHEDULED: (_, _, "cancelled", _, _, _, "declined", X, _, X, _, _,
+                  "appointment_cancelled", "no_show", "completed", "note_received", X, X, _),
+    S.NO_SHOW: (_, _, "cancelled", _, _, _, "declined", X, _, X, "scheduled", "scheduled",
+                "appointment_cancelled", _, "completed", "note_received", X, X, _),
+    S.APPOINTMENT_CANCELLED: (_, _, "cancelled", _, _, _, X, X, _, X, "scheduled",
+                              "scheduled", _, X, "completed", "note_received", X, X, _),
+    S.COMPLETED: (_, _, "cancelled", _, _, _, "declined", X, _, X, _, _, X, X, _,
+                  "note_received", X, X, _),
+    S.NOTE_RECEIVED: (_, _, X, _, _, _, X, X, _, X, _, _, X, X, _, _, _, "closed", _),
+    S.CLOSED: (_, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, _, _, X),
+    S.DECLINED: (_, X, X, X, X, X, _, X, X, X, X, X, X, X, X, X, X, X, X),
+    S.CANCELLED: (_, X, _, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X),
+}  # fmt: skip
+
+
+def test_the_matrix_covers_every_state_and_every_event() -> None:
+    assert set(MATRIX) == {None, *State}
+    assert all(len(row) == len(Event) == len(COLUMNS) for row in MATRIX.values())
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [(s, e) for s in MATRIX for e in Event],
+    ids=lambda v: "none" if v is None else str(v.value) if hasattr(v, "value") else str(v),
+)
+def test_every_state_times_every_event(state: State | None, event: Event) -> None:
+    want = MATRIX[state][list(Event).index(event)]
+    d = decide(state, event)
+    if want == X:
+        assert d.anomaly, f"{state} + {event} should be an anomaly"
+        assert d.state == state
+        assert not d.changed
+    elif want == _:
+        assert (d.anomaly, d.state, d.changed) == (None, state, False)
+    else:
+        assert (d.anomaly, d.state, d.changed) == (None, State(want), True)
