@@ -231,3 +231,55 @@ def test_sigterm_while_a_sender_keeps_pipelining_drains_promptly(tmp_path, sqlit
     assert set(answered) <= stored_control_ids(config)
     assert "mllp.frame.failed" not in daemon.logs()
     assert "mllp.drain.timeout" not in daemon.logs()
+
+
+def _children(pid: int) -> list[int]:
+    """The daemon's child processes: the normaliser (and multiprocessing's resource
+    tracker, which also exits with its parent)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _normaliser(pid: int) -> list[int]:
+    out = []
+    for child in _children(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    out.append(child)
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_the_normaliser_process_never_outlives_the_daemon(tmp_path, sqlite_url):
+    """The normaliser runs as the daemon's child (the default); SIGTERM stops both, and
+    after kill -9 of the daemon the orphan sees its pipe close and exits on its own."""
+    config, _port, http_port = write_config(tmp_path, sqlite_url)
+    upgrade(config)
+    daemon = DaemonProcess(config, http_port).start()
+    try:
+        assert daemon.proc is not None
+        wait_until(lambda: len(_normaliser(daemon.proc.pid)) == 1, timeout=30)
+        children = _children(daemon.proc.pid)
+        assert daemon.terminate() == 0
+        wait_until(lambda: all(_gone(c) for c in children), timeout=30)
+        daemon = DaemonProcess(config, http_port).start()
+        assert daemon.proc is not None
+        wait_until(lambda: len(_normaliser(daemon.proc.pid)) == 1, timeout=30)
+        children = _children(daemon.proc.pid)
+        daemon.kill()
+        wait_until(lambda: all(_gone(c) for c in children), timeout=30)
+    finally:
+        daemon.stop_quietly()
