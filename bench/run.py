@@ -10,9 +10,13 @@ measured by the same load generator (mllp_load), with the same messages, in the 
 interleaved repetitions as the peers.
 
 Prints a table (peer, message, connections, msgs/s, ACK latency p50/p99), the
-refloop-pg / hl7-pg ratio, and PASS/MISS against the issue's targets. Results go to
-bench/results/ as JSON lines + markdown. Exit status is 0 whatever the figures are; it
-is non-zero only when the harness itself failed. See bench/README.md.
+refloop-pg / hl7-pg ratio, and PASS/MISS against the issue's targets. Then (unless
+``--no-normalise``) it measures normalisation with bench/normalise.py on SQLite and on
+PostgreSQL (the local server, ``--pg``): the normaliser's drain rate, a full-rate run
+(backlog, drain time after the last ACK, received -> committed p50/p99) and paced runs
+at fixed offered rates (does the backlog stay bounded?). Results go to bench/results/
+as JSON lines + markdown. Exit status is 0 whatever the figures are; it is non-zero
+only when the harness itself failed. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ DEFAULT_CONNS = "1 4 16"
 DEFAULT_REPS = 3
 MSGS = ("orm_o01_referral", "oru_r01_consult_note")
 MSG_NAMES = {"orm_o01_referral.hl7": "ORM^O01", "oru_r01_consult_note.hl7": "ORU^R01"}
+# The normaliser measurements (bench/normalise.py): full and --quick sizes.
+NORM_N, NORM_N_QUICK = 20000, 4000  # drain and full-rate messages
+NORM_SECONDS, NORM_SECONDS_QUICK = 15.0, 6.0  # each paced run
+# Default paced rates: these fractions of the normaliser's own drain rate (per database;
+# --quick: PostgreSQL only), and on PostgreSQL also refloop-pg's ORM^O01 c=16 rate.
+PACED_FACTORS = (0.4, 0.8)
 # run_peers.sh --quick, spelled out for when --quick is combined with --reps.
 QUICK_ENV = {"N": "2000", "RAW_N": "10000", "DUR": "3", "PGBENCH_T": "3"}
 
@@ -78,7 +88,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="bench/run.py",
         description="refloop (PostgreSQL, SQLite) vs the shared HL7 MLLP peers.",
         epilog="Environment defaults: BENCH_QUICK=1, BENCH_REPS, BENCH_CONNS, BENCH_PEERS, "
-        "BENCH_VARIANTS; run_peers.sh knobs (N, DUR, WARM, TIMEOUT_MS, HL7BENCH_TMP, ...) "
+        "BENCH_VARIANTS, BENCH_NO_NORMALISE=1, BENCH_PG, BENCH_PACED_RATE; run_peers.sh "
+        "knobs (N, DUR, WARM, TIMEOUT_MS, HL7BENCH_TMP, ...) "
         "pass through, except that --quick sets N/DUR itself.",
     )
     ap.add_argument(
@@ -115,6 +126,51 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     ap.add_argument("--keep-state", action="store_true", help="keep refloop's temp dir")
     ap.add_argument(
+        "--no-normalise",
+        action="store_true",
+        default=env_flag("BENCH_NO_NORMALISE"),
+        help="skip the normaliser measurements after the peer table",
+    )
+    ap.add_argument(
+        "--normalise-only",
+        action="store_true",
+        help="only the normaliser measurements (no run_peers.sh; no foundation-rate run "
+        "unless --paced-rate names it)",
+    )
+    ap.add_argument(
+        "--pg",
+        default=os.environ.get("BENCH_PG"),
+        help="PostgreSQL for the normaliser measurements (a schema is made and dropped; "
+        "default the local server postgresql://postgres@127.0.0.1:5432/test, skipped with "
+        "a note if it does not answer)",
+    )
+    ap.add_argument(
+        "--paced-rate",
+        default=os.environ.get("BENCH_PACED_RATE", ""),
+        help='offered msgs/s of the paced runs, e.g. "1000 1500" (default: '
+        f"{' and '.join(f'{f:g}' for f in PACED_FACTORS)} x each database's drain rate, "
+        "and on PostgreSQL also refloop-pg's ORM^O01 c=16 rate from the table)",
+    )
+    ap.add_argument(
+        "--foundation-rate",
+        type=float,
+        default=None,
+        help="PostgreSQL ingest rate for the extra paced run (default: refloop-pg's "
+        "ORM^O01 c=16 msgs/s from the table; with --normalise-only, none unless given)",
+    )
+    ap.add_argument(
+        "--paced-seconds",
+        type=float,
+        default=None,
+        help=f"each paced run (default {NORM_SECONDS:g} s; {NORM_SECONDS_QUICK:g} with --quick)",
+    )
+    ap.add_argument(
+        "--normalise-n",
+        type=int,
+        default=None,
+        help=f"drain / full-rate messages (default {NORM_N}; {NORM_N_QUICK} with --quick)",
+    )
+    ap.add_argument(
         "--summarize",
         type=Path,
         metavar="JSONL",
@@ -134,6 +190,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         ap.error(f"--variants: choose from pg, sqlite (got {args.variants!r})")
     if "custom" in args.peers.split():
         ap.error("--peers: refloop is added as 'custom' by this script; do not list it")
+    try:
+        args.paced_rates = [float(r) for r in args.paced_rate.split()]
+    except ValueError:
+        ap.error(f"--paced-rate: not a list of numbers: {args.paced_rate!r}")
+    if any(r <= 0 for r in args.paced_rates):
+        ap.error("--paced-rate: rates must be > 0")
+    if args.foundation_rate is not None and args.foundation_rate <= 0:
+        ap.error("--foundation-rate must be > 0")
+    if args.no_normalise and args.normalise_only:
+        ap.error("--no-normalise and --normalise-only exclude each other")
     return args
 
 
@@ -429,9 +495,38 @@ def shared_summary(path: Path) -> str:
     return proc.stdout if proc.returncode == 0 else ""
 
 
+def normalise_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The normaliser section, when the rows hold one (``{"kind": "normalise"}``)."""
+    norm = next((r for r in rows if r.get("kind") == "normalise"), None)
+    if norm is None:
+        return []
+    if norm.get("skipped"):
+        return ["## Normalisation", "", f"Not measured: {norm['skipped']}", ""]
+    return [*_normalise_module().report_lines(norm), ""]
+
+
+def _normalise_module() -> Any:
+    """bench/normalise.py, imported only when needed (it imports the engine)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import normalise
+
+    return normalise
+
+
 def report(rows: list[dict[str, Any]], jsonl: Path, bench_meta: dict[str, Any]) -> str:
     cells = summarize(rows)
+    norm = normalise_lines(rows)
     if not any(k[0].startswith("refloop-") for k in cells):
+        if norm:  # --normalise-only
+            head = [
+                f"# refloop bench {bench_meta.get('date', '')}",
+                "",
+                f"refloop {bench_meta.get('git', '?')}; {os.cpu_count()} CPUs; "
+                f"args: {bench_meta.get('args', '')}",
+                "",
+            ]
+            return "\n".join([*head, *norm])
         raise HarnessError(f"{jsonl}: no refloop rows (did the custom peer start?)")
     meta = next((r for r in rows if r.get("kind") == "meta"), {})
     table = figures_table(rows, cells)
@@ -450,11 +545,50 @@ def report(rows: list[dict[str, Any]], jsonl: Path, bench_meta: dict[str, Any]) 
         "hl7-pg's at the same message and connections in the same repetition (median).",
         "",
     ]
-    body = [*head, *table, "", "```", *target_lines, "```", ""]
+    body = [*head, *table, "", "```", *target_lines, "```", "", *norm]
     extra = shared_summary(jsonl)
     if extra:
         body += ["## run_peers summarize.py on the same rows", "", extra]
     return "\n".join(body)
+
+
+# -- the normaliser ------------------------------------------------------------------------
+
+
+def measure_normaliser(args: argparse.Namespace, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """bench/normalise.py's measure() on SQLite and on PostgreSQL (the local server unless
+    --pg / BENCH_PG names another; the default is skipped with a note if it does not
+    answer, an explicit one that does not answer is a harness failure)."""
+    normalise = _normalise_module()
+    pg: str | None = args.pg or normalise.DEFAULT_PG
+    why = normalise.pg_reachable(pg)
+    note = None
+    if why is not None:
+        if args.pg:
+            raise HarnessError(f"--pg {args.pg}: {why}")
+        note = f"PostgreSQL {pg} does not answer ({why}): SQLite only"
+        log(f"normaliser: {note}")
+        pg = None
+    cells = summarize(rows)
+    orm = cells.get(("refloop-pg", "orm_o01_referral.hl7", TARGET_CONNS))
+    ingest = args.foundation_rate or (orm.tput if orm and not args.paced_rates else None)
+    plan = normalise.Plan(
+        n=args.normalise_n or (NORM_N_QUICK if args.quick else NORM_N),
+        seconds=args.paced_seconds or (NORM_SECONDS_QUICK if args.quick else NORM_SECONDS),
+        paced_factors=PACED_FACTORS,
+        paced_databases=("postgresql",) if args.quick and pg else ("sqlite", "postgresql"),
+        paced_rates=args.paced_rates,
+        ingest_rates={"postgresql": ingest} if ingest else None,
+    )
+    try:
+        out = normalise.measure(pg, plan, progress=lambda m: log(f"normaliser: {m}"))
+    except Exception as exc:
+        raise HarnessError(f"normaliser measurements failed: {type(exc).__name__}: {exc}") from exc
+    if note:
+        out["note"] = note
+    if ingest:
+        out["foundation_rate"] = ingest
+    return out
 
 
 # -- main --------------------------------------------------------------------------------
@@ -472,8 +606,12 @@ def main(argv: Sequence[str]) -> int:
     state = Path(tempfile.mkdtemp(prefix="refloop-bench-"))
     started = time.monotonic()
     try:
-        out = run_peers(args, state)
-        rows = relabel(read_jsonl(out.results), out.ports)
+        rows: list[dict[str, Any]] = []
+        run_peers_results = None
+        if not args.normalise_only:
+            out = run_peers(args, state)
+            rows = relabel(read_jsonl(out.results), out.ports)
+            run_peers_results = str(out.results)
         args.out.mkdir(parents=True, exist_ok=True)
         jsonl = args.out / f"bench-{stamp}.jsonl"
         md = jsonl.with_suffix(".md")
@@ -485,16 +623,28 @@ def main(argv: Sequence[str]) -> int:
             "peers": args.peers,
             "variants": args.variants,
             "conns": args.conns,
-            "run_peers_results": str(out.results),
+            "run_peers_results": run_peers_results,
             "wall_s": round(time.monotonic() - started, 1),
         }
-        with jsonl.open("w") as fh:
-            for row in [bench_meta, *rows]:
-                fh.write(json.dumps(row) + "\n")
-        text = report(rows, jsonl, bench_meta)
-        md.write_text(text)
-        # stdout: the figures and targets (the markdown file also has run_peers' table).
-        print(text.split("## run_peers summarize.py")[0].rstrip())
+
+        def write(all_rows: list[dict[str, Any]]) -> str:
+            with jsonl.open("w") as fh:
+                for row in [bench_meta, *all_rows]:
+                    fh.write(json.dumps(row) + "\n")
+            text = report(all_rows, jsonl, bench_meta)
+            md.write_text(text)
+            return text
+
+        if rows:
+            text = write(rows)
+            # stdout: the figures and targets (the markdown file also has run_peers' table).
+            print(text.split("## run_peers summarize.py")[0].rstrip(), flush=True)
+        if not args.no_normalise:
+            norm = measure_normaliser(args, rows)
+            rows.append(norm)
+            bench_meta["wall_s"] = round(time.monotonic() - started, 1)
+            write(rows)
+            print("\n" + "\n".join(normalise_lines([norm])).rstrip())
         print(f"\nresults: {jsonl}\n         {md}")
         log(f"done in {time.monotonic() - started:.0f} s")
         return 0
