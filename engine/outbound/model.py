@@ -35,14 +35,21 @@ class Party:
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """Where and how a delivery goes: a configured channel, a payload format, an address."""
+
+    channel: str  # a [channels.<name>] of engine.toml
+    format: str  # a key of engine.outbound.packets.RENDERERS (hl7v2.ref_i12, document.pdf …)
+    endpoint: str = ""  # channel-specific address (host:port, e-mail, fax number, URL)
+
+
+@dataclass(frozen=True, slots=True)
 class Specialist:
     """One entry of the specialist directory (``mappings/directory/``)."""
 
     id: str
     name: str  # organisation or practice name
-    channel: str  # a [channels.<name>] of engine.toml
-    format: str  # preferred packet format, a key of engine.outbound.packets.RENDERERS
-    endpoint: str = ""  # channel-specific address (host:port, e-mail, fax number, URL)
+    targets: tuple[Target, ...]  # how they take packets, in preference order
     npi: str = ""
     provider_names: tuple[str, ...] = ()  # clinicians, "Family, Given"
     specialties: tuple[str, ...] = ()  # canonical specialty codes (cardiology, ...)
