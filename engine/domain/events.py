@@ -109,6 +109,21 @@ _AUTH: dict[str, FieldType] = {
 }
 
 
+#: What the dispatcher records about a delivery's outcome (no payload, no PHI).
+_DELIVERY: dict[str, FieldType] = {
+    "delivery.id": T.INT,
+    "delivery.kind": T.CODE,  # packet | writeback | notification
+    "delivery.channel": T.CODE,
+    "delivery.format": T.CODE,
+    "delivery.route": T.CODE,
+    "delivery.recipient": T.CODE,  # directory id of the specialist, for packets
+    "delivery.attempts": T.INT,
+    "delivery.peer_reference": T.TEXT,  # MSA-2, a Location, a fax id
+    "delivery.detail": T.TEXT,  # "ACK AA", "HTTP 201"
+    "delivery.error": T.TEXT,  # why it was dead-lettered
+}
+
+
 @dataclass(frozen=True, slots=True)
 class EventSpec:
     fields: Mapping[str, FieldType]
@@ -127,8 +142,8 @@ CATALOGUE: dict[Event, EventSpec] = {
     E.REFERRAL_CREATED: _spec(_REFERRAL, required=("patient.identifier",)),
     E.REFERRAL_UPDATED: _spec(_REFERRAL),
     E.REFERRAL_CANCELLED: _spec(_REFERRAL),
-    E.REFERRAL_SENT: _spec(_REFERRAL),
-    E.REFERRAL_DELIVERED: _spec(_REFERRAL),
+    E.REFERRAL_SENT: _spec(_REFERRAL, _DELIVERY),
+    E.REFERRAL_DELIVERED: _spec(_REFERRAL, _DELIVERY),
     E.REFERRAL_ACCEPTED: _spec(_REFERRAL),
     E.REFERRAL_DECLINED: _spec(_REFERRAL),
     E.AUTHORIZATION_PENDING: _spec(_AUTH),
@@ -143,6 +158,8 @@ CATALOGUE: dict[Event, EventSpec] = {
     E.CONSULT_NOTE_AMENDED: _spec(_NOTE),
     E.REFERRAL_CLOSED: _spec(),
     E.REFERRAL_ESCALATED: _spec(),
+    E.DELIVERY_SUCCEEDED: _spec(_DELIVERY),
+    E.DELIVERY_FAILED: _spec(_DELIVERY),
 }
 
 #: Fields whose identifier becomes a correlation key of the referral once applied.

@@ -61,6 +61,10 @@ class Event(StrEnum):
     CONSULT_NOTE_AMENDED = "consult_note.amended"
     REFERRAL_CLOSED = "referral.closed"
     REFERRAL_ESCALATED = "referral.escalated"
+    # Outcomes of outbound deliveries (engine.services.dispatcher): recorded on the
+    # referral's timeline, never moving its state (a packet's success is referral.sent).
+    DELIVERY_SUCCEEDED = "delivery.succeeded"
+    DELIVERY_FAILED = "delivery.failed"
 
 
 S = State
@@ -139,6 +143,16 @@ def _stay() -> _Rule:
     return rule
 
 
+def _record() -> _Rule:
+    """Kept on the timeline in any state: a write-back of a closed referral may still
+    succeed or fail, and either is worth knowing."""
+
+    def rule(state: State) -> Decision:
+        return Decision(state, changed=False)
+
+    return rule
+
+
 def _anomaly(state: State, reason: str) -> Decision:
     return Decision(state, changed=False, anomaly=reason)
 
@@ -168,6 +182,8 @@ RULES: dict[Event, _Rule] = {
     Event.REFERRAL_UPDATED: _stay(),
     Event.REFERRAL_ESCALATED: _stay(),
     Event.REFERRAL_DELIVERED: _stay(),
+    Event.DELIVERY_SUCCEEDED: _record(),
+    Event.DELIVERY_FAILED: _record(),
     Event.AUTHORIZATION_PENDING: _when(
         {S.CREATED: S.AUTH_PENDING, S.AUTH_PENDING: S.AUTH_PENDING},
         "authorization requested for a referral that is already {state}",

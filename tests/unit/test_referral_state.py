@@ -127,33 +127,33 @@ def test_any_event_stream_is_decided_without_raising(events):
 # recorded, state unchanged). Columns follow the Event enum order.
 COLUMNS = (
     "created updated cancel sent deliv accept decline auth? auth+ auth- "
-    "book resched apt-x noshow visit note note+ close escal"
+    "book resched apt-x noshow visit note note+ close escal dlv-ok dlv-x"
 ).split()
 _ = "="
 X = "!"
 MATRIX: dict[State | None, tuple[str, ...]] = {
-    None: ("created", X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X),
+    None: ("created", X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X),
     S.CREATED: (_, _, "cancelled", "sent", _, "accepted", "declined", "auth_pending", _,
                 "auth_pending", "scheduled", "scheduled", X, X, "completed", "note_received",
-                X, X, _),
+                X, X, _, _, _),
     S.AUTH_PENDING: (_, _, "cancelled", "sent", _, "accepted", "declined", _, "created", _,
-                     "scheduled", "scheduled", X, X, "completed", "note_received", X, X, _),
+                     "scheduled", "scheduled", X, X, "completed", "note_received", X, X, _, _, _),
     S.SENT: (_, _, "cancelled", _, _, "accepted", "declined", X, _, X, "scheduled",
-             "scheduled", X, X, "completed", "note_received", X, X, _),
+             "scheduled", X, X, "completed", "note_received", X, X, _, _, _),
     S.ACCEPTED: (_, _, "cancelled", _, _, _, "declined", X, _, X, "scheduled", "scheduled",
-                 X, X, "completed", "note_received", X, X, _),
+                 X, X, "completed", "note_received", X, X, _, _, _),
     S.SCHEDULED: (_, _, "cancelled", _, _, _, "declined", X, _, X, _, _,
-                  "appointment_cancelled", "no_show", "completed", "note_received", X, X, _),
+                  "appointment_cancelled", "no_show", "completed", "note_received", X, X, _, _, _),
     S.NO_SHOW: (_, _, "cancelled", _, _, _, "declined", X, _, X, "scheduled", "scheduled",
-                "appointment_cancelled", _, "completed", "note_received", X, X, _),
+                "appointment_cancelled", _, "completed", "note_received", X, X, _, _, _),
     S.APPOINTMENT_CANCELLED: (_, _, "cancelled", _, _, _, X, X, _, X, "scheduled",
-                              "scheduled", _, X, "completed", "note_received", X, X, _),
+                              "scheduled", _, X, "completed", "note_received", X, X, _, _, _),
     S.COMPLETED: (_, _, "cancelled", _, _, _, "declined", X, _, X, _, _, X, X, _,
-                  "note_received", X, X, _),
-    S.NOTE_RECEIVED: (_, _, X, _, _, _, X, X, _, X, _, _, X, X, _, _, _, "closed", _),
-    S.CLOSED: (_, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, _, _, X),
-    S.DECLINED: (_, X, X, X, X, X, _, X, X, X, X, X, X, X, X, X, X, X, X),
-    S.CANCELLED: (_, X, _, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X),
+                  "note_received", X, X, _, _, _),
+    S.NOTE_RECEIVED: (_, _, X, _, _, _, X, X, _, X, _, _, X, X, _, _, _, "closed", _, _, _),
+    S.CLOSED: (_, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, _, _, X, _, _),
+    S.DECLINED: (_, X, X, X, X, X, _, X, X, X, X, X, X, X, X, X, X, X, X, _, _),
+    S.CANCELLED: (_, X, _, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, _, _),
 }  # fmt: skip
 
 
