@@ -59,6 +59,8 @@ _COMMON: dict[str, FieldType] = {
     "reason": T.TEXT,  # why the referral exists (clinical reason)
     "reason_code": T.CODING,
     "status_reason": T.TEXT,  # why this event happened (cancel, decline, reschedule reason)
+    # the listener / FHIR source the message came from: set by the pipeline, never by a mapping
+    "source": T.TEXT,
     **{name: T.IDENTIFIER for name in CORRELATE},
 }
 _REFERRAL: dict[str, FieldType] = {
@@ -79,6 +81,12 @@ _REFERRAL: dict[str, FieldType] = {
     "diagnosis": T.CODING,
     "authorization.identifier": T.IDENTIFIER,
     "authorization.payer": T.TEXT,
+    # The patient's primary insurance (the first IN1; mappings/README.md "Insurance").
+    "insurance.payer": T.TEXT,  # payer name (IN1-4.1), else its id (IN1-3.1)
+    "insurance.payer_id": T.IDENTIFIER,  # the payer's identifier (IN1-3)
+    "insurance.plan": T.TEXT,  # health plan id (IN1-2.1), else its name (IN1-2.2)
+    "insurance.member_id": T.IDENTIFIER,  # the insured's policy number (IN1-36)
+    "insurance.group": T.TEXT,  # group number (IN1-8)
 }
 _APPOINTMENT: dict[str, FieldType] = {
     "appointment_id": T.IDENTIFIER,
