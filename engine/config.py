@@ -220,6 +220,24 @@ class NormalizerConfig(_Frozen):
     separate_process: bool = True
 
 
+class OutboundConfig(_Frozen):
+    # Deliver what routing enqueues (packets, write-backs); off, deliveries wait in the outbox.
+    enabled: bool = True
+    # How often the dispatcher looks for due deliveries when nothing woke it (the
+    # normaliser in its own process, another replica, a retry coming due).
+    poll_seconds: float = Field(default=0.2, gt=0, le=60)
+    # Deliveries claimed per channel per look, at most.
+    claim_batch: int = Field(default=32, ge=1, le=1000)
+    # An in-flight delivery not finished after this is taken back and retried (its
+    # claimer died). Longer than any channel's timeout_seconds.
+    lease_seconds: float = Field(default=300.0, gt=0)
+    # How long shutdown waits for deliveries on the wire before taking them back.
+    stop_seconds: float = Field(default=10.0, ge=0, le=300)
+    # Who we are in the packets we send (MSH-3 / MSH-4).
+    sending_application: str = Field(default="REFLOOP", min_length=1, max_length=180)
+    sending_facility: str = Field(default="", max_length=180)
+
+
 class Config(_Frozen):
     database: DatabaseConfig = DatabaseConfig()
     http: HttpConfig = HttpConfig()
@@ -228,7 +246,34 @@ class Config(_Frozen):
     ingest: IngestConfig = IngestConfig()
     mappings: MappingsConfig = MappingsConfig()
     normalizer: NormalizerConfig = NormalizerConfig()
+    outbound: OutboundConfig = OutboundConfig()
+    # [channels.<name>]: each table's `type` picks a channel plugin (refloop.channels entry
+    # points) whose own Settings model validates the rest.
+    channels: dict[str, Any] = Field(default_factory=dict)
     source: Path = Path(DEFAULT_CONFIG)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from channels.base import ChannelConfigError
+        from channels.registry import validate
+
+        out: dict[str, Any] = {}
+        problems: list[str] = []
+        for name, table in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                problems.append(f"{name}: a channel name is letters, digits, - _ . (max 64)")
+                continue
+            if not isinstance(table, Mapping):
+                problems.append(f"{name}: must be a table ([channels.{name}])")
+                continue
+            try:
+                out[name] = validate(table)
+            except ChannelConfigError as exc:
+                problems += [f"{name}.{p}" for p in exc.problems]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return out
 
     def mappings_dir(self) -> Path:
         return self.resolve(self.mappings.dir)
@@ -346,7 +391,14 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     try:
         return Config.model_validate({**data, "source": source})
     except ValidationError as exc:
-        lines = [f"{source}: {_key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        lines = []
+        for err in exc.errors():
+            if tuple(err["loc"]) == ("channels",) and err["type"] == "value_error":
+                # One line per channel problem, each with its own key path.
+                text = str(err["msg"]).removeprefix("Value error, ")
+                lines += [f"{source}: channels.{p}" for p in text.split("; ")]
+            else:
+                lines.append(f"{source}: {_key_path(err['loc'])}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
 
 

@@ -41,6 +41,13 @@ UNMATCHED = "refloop_unmatched_messages"
 NORMALIZE = "refloop_normalize_seconds"
 NORMALIZE_LAG = "refloop_normalize_lag_seconds"
 NORMALIZER_BACKLOG = "refloop_normalizer_backlog"
+DELIVERIES = "refloop_deliveries"
+DELIVERY_SECONDS = "refloop_delivery_seconds"
+OUTBOX_PENDING = "refloop_outbox_pending"
+OUTBOX_DEAD = "refloop_outbox_dead"
+
+#: Delivery attempt outcomes (the ``outcome`` label of refloop_deliveries_total).
+DELIVERY_OUTCOMES = ("delivered", "sent", "retry", "dead")
 
 #: What the normaliser owns; when it runs in its own process, these come from there.
 REFERRAL_CORE_FAMILIES = frozenset(
@@ -160,6 +167,33 @@ class Metrics:
         self.normalizer_backlog = Gauge(
             NORMALIZER_BACKLOG, "Messages received but not yet normalised", registry=r
         )
+        # Outbound (the dispatcher): labels are configured channel names and the outcome enum.
+        self.deliveries = Counter(
+            DELIVERIES,
+            "Delivery attempts by channel and outcome (delivered: the peer confirmed; sent: "
+            "the peer queued it; retry: failed, will retry; dead: dead-lettered)",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            DELIVERY_SECONDS,
+            "Time one delivery attempt spent in its channel (connect, send, answer)",
+            ["channel"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.outbox_pending = Gauge(
+            OUTBOX_PENDING,
+            "Deliveries waiting to be sent (due now or retrying later), by channel",
+            ["channel"],
+            registry=r,
+        )
+        self.outbox_dead = Gauge(
+            OUTBOX_DEAD,
+            "Dead-lettered deliveries waiting for an operator (refloop deliveries retry)",
+            ["channel"],
+            registry=r,
+        )
 
     def declare_listener(self, listener: str, *, tls: bool = False) -> None:
         """Create a listener's series at zero so dashboards and alerts see them at once."""
@@ -179,6 +213,14 @@ class Metrics:
             self.events.labels(event_type)
         for result in ("ok", "error"):
             self.mapping_reloads.labels(result)
+
+    def declare_channel(self, channel: str) -> None:
+        """Create a channel's series at zero so dashboards and alerts see them at once."""
+        for outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(channel, outcome)
+        self.delivery_seconds.labels(channel)
+        self.outbox_pending.labels(channel).set(0)
+        self.outbox_dead.labels(channel).set(0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,7 +38,9 @@ from engine.protocol.hl7v2 import HeaderError
 
 SOURCES_DIR = "sources"
 VALUESETS_DIR = "valuesets"
-SKIP_DIRS = frozenset({"_schema", "samples"})
+# outbound/ and directory/ hold the outbound set (routes, write-back, the specialist
+# directory): engine.outbound.routing reads and validates them.
+SKIP_DIRS = frozenset({"_schema", "samples", "outbound", "directory"})
 
 
 class MappingSetError(Exception):

@@ -54,7 +54,15 @@ from engine.mapping.mapset import MappingSet
 from engine.metrics import Metrics
 from engine.protocol.hl7v2 import HeaderError, codec_for, decode
 from engine.services.mappings import MappingHolder
-from engine.services.pipeline import Inbound, Known, Report, keys_of, lookup_values, plan
+from engine.services.pipeline import (
+    Inbound,
+    Known,
+    Report,
+    Route,
+    keys_of,
+    lookup_values,
+    plan,
+)
 from engine.store.eventlog import Busy, Changes, EventLog, MessageUpdate, StoredMessage
 
 log = get_logger("refloop.normaliser")
@@ -137,9 +145,11 @@ class Processor:
         *,
         clock: Callable[[], datetime] | None = None,
         share_cpu: bool = False,
+        router: Callable[[], Route | None] | None = None,
     ) -> None:
         self._engine = engine
         self._mapping_set = mapping_set
+        self._router = router or (lambda: None)
         self._share_cpu = share_cpu
         self._sources = dict(sources)
         self._metrics = metrics
@@ -233,7 +243,7 @@ class Processor:
         result = normalise_message(mapping_set, m, self._sources.get(m.listener, Source()))
         if self._metrics is not None:
             self._metrics.normalize.observe(time.perf_counter() - started)
-        return Inbound(m.id, m.received_at, result)
+        return Inbound(m.id, m.received_at, result, m.listener)
 
     def _apply(
         self,
@@ -270,7 +280,8 @@ class Processor:
                 referrals=referrals,
                 events=el.known_events(ids) if ids else {},
             )
-            planned = plan(live, known, now)
+            route = self._router()
+            planned = plan(live, known, now, route)
             # Two lookups only when the first plan shows they matter (then plan again
             # from scratch: planning is cheap, and rare here):
             # - open referrals of patients whose message parked with the clues the
@@ -290,11 +301,11 @@ class Processor:
             )
             if extra:
                 known = replace(known, referrals={**referrals, **{r.id: r for r in extra}})
-                planned = plan(live, known, now)
+                planned = plan(live, known, now, route)
             fresh = {k.value for k, _ in planned.changes.keys}
             waiting = el.parked(fresh) if fresh else []
             if waiting:
-                planned = plan(live, replace(known, parked=waiting), now)
+                planned = plan(live, replace(known, parked=waiting), now, route)
             el.write(planned.changes, now)
             el.commit()
         except BaseException:

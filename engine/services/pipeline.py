@@ -21,6 +21,13 @@ For each event of a processed message, in ordinal order:
 
 A message's changes are staged and kept only if the whole message goes through.
 
+Outbound: each event applied without an anomaly is offered to the router (the analysts'
+routes, :mod:`engine.outbound.routing`) together with the referral as it stands right
+after it; the deliveries it decides on are staged with the event, so they commit in the
+same transaction (the transactional outbox). What the router could not place (no
+specialist for the specialty, no write-back for the source) becomes a warning on the
+message, visible in ``refloop messages show``.
+
 Order: per referral, events are applied in message id order. When a message's new keys
 release parked messages (older, so smaller ids), the batch is cut right after it: the
 released messages are ``received`` again and the next batch takes them before anything
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import chain
@@ -39,9 +46,14 @@ from typing import Any
 
 from engine.domain.correlation import Clues, Key, OpenReferral, correlate
 from engine.domain.events import CanonicalEvent, Diagnostic, Normalised, Outcome, event_id
-from engine.domain.projection import LoggedEvent, Referral, fold
+from engine.domain.projection import LoggedEvent, Referral, Step, fold
 from engine.domain.referral import TERMINAL, Event
+from engine.outbound.model import DeliveryRequest, ReferralView, Trigger, TriggerEvent
 from engine.store.eventlog import Changes, EventRow, MessageUpdate
+from engine.store.outbox import NewDelivery
+
+#: The router: a trigger → (deliveries to enqueue, reasons nothing could be routed).
+Route = Callable[[Trigger], tuple[Sequence[DeliveryRequest], Sequence[str]]]
 
 _REFERRAL_NAMESPACE = uuid.UUID("0b7f8e36-3f5c-4f55-a0f4-2b8d6a3c9e11")
 
@@ -58,6 +70,7 @@ class Inbound:
     message_id: int
     received_at: datetime
     result: Normalised
+    source: str = ""  # the listener (or FHIR source) it arrived on
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +154,10 @@ def _releases(waiting: Key, new: Key) -> bool:
 class _Batch:
     """Mutable planning state for one batch."""
 
-    def __init__(self, known: Known, now: datetime) -> None:
+    def __init__(self, known: Known, now: datetime, route: Route | None) -> None:
         self.now = now
+        self.route = route
+        self.deliveries: list[NewDelivery] = []
         self.index: dict[Key, frozenset[str]] = dict(known.index)
         self.referrals: dict[str, Referral] = dict(known.referrals)
         self.logged: dict[str, str] = dict(known.events)
@@ -168,11 +183,13 @@ class _Batch:
                 yield OpenReferral(r.id, patient, r.specialty or "", r.created_at)
 
 
-def plan(batch: Sequence[Inbound], known: Known, now: datetime) -> Plan:
+def plan(
+    batch: Sequence[Inbound], known: Known, now: datetime, route: Route | None = None
+) -> Plan:
     """Decide what the batch does (see the module docstring)."""
     ids = {i.message_id for i in batch}
     known = replace(known, parked=[(m, k) for m, k in known.parked if m not in ids])
-    state = _Batch(known, now)
+    state = _Batch(known, now, route)
     handled = 0
     for item in batch:
         handled += 1
@@ -185,6 +202,7 @@ def plan(batch: Sequence[Inbound], known: Known, now: datetime) -> Plan:
         events=state.events,
         keys=state.keys,
         unpark=state.unpark,
+        deliveries=state.deliveries,
     )
     reports = tuple(state.reports[i.message_id] for i in batch[:handled])
     return Plan(changes, reports, handled)
@@ -216,6 +234,8 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
     created: list[str] = []
     anomalies: list[str] = []
     methods: list[str] = []
+    deliveries: list[NewDelivery] = []
+    unrouted: list[Diagnostic] = []
     parked_reason: str | None = None
     offered = {id(ev): keys_of(ev) for ev in r.events}  # asked for several times below
     for ev in sorted(r.events, key=lambda e: e.ordinal):
@@ -247,7 +267,10 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
         else:
             parked_reason = _why_parked(ev, match.method, match.candidates)
             break
-        fields_json = canonical_json(dict(ev.fields))
+        values = dict(ev.fields)
+        if ev.type is Event.REFERRAL_CREATED and item.source and "source" not in values:
+            values["source"] = item.source  # where write-back goes: the referral's origin
+        fields_json = canonical_json(values)
         logged = LoggedEvent(ev.type, json.loads(fields_json), when, b.now, confidence)
         current = staged.get(rid) or b.referrals.get(rid)
         projection, step = fold(current, rid, logged)
@@ -282,6 +305,10 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
         methods.append(method)
         if step.anomaly:
             anomalies.append(step.anomaly)
+        elif b.route is not None and projection is not None:
+            routed, reasons = b.route(_trigger(rows[-1], logged, step, projection, item.source))
+            deliveries += [_delivery(rid, eid, d) for d in routed]
+            unrouted += [Diagnostic("unrouted", why, severity="warning") for why in reasons]
 
     rule = r.rule_id or next((e.rule_id for e in r.events if e.rule_id), "")
     diagnostics = tuple(d.as_dict() for d in r.diagnostics)
@@ -311,6 +338,8 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
     b.changed.update(staged)
     b.events.extend(rows)
     b.keys.extend(keys)
+    b.deliveries.extend(deliveries)
+    diagnostics += tuple(d.as_dict() for d in unrouted)
     for key, ids in staged_index.items():
         b.index[key] = b.index.get(key, frozenset()) | ids
     for row in rows:
@@ -327,10 +356,50 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
         anomalies=tuple(anomalies),
         methods=tuple(methods),
         unparked=tuple(released),
-        diagnostics=r.diagnostics,
+        diagnostics=(*r.diagnostics, *unrouted),
         mapping_id=r.mapping_id,
     )
     return bool(released)
+
+
+def _trigger(
+    row: EventRow, logged: LoggedEvent, step: Step, projection: Referral, source: str
+) -> Trigger:
+    return Trigger(
+        event=TriggerEvent(
+            id=row.id,
+            type=row.type,
+            fields=logged.fields,
+            occurred_at=row.occurred_at,
+            sequence=row.sequence,
+            state_before=row.state_before,
+            state_after=row.state_after,
+            message_id=row.message_id,
+        ),
+        referral=view_of(projection),
+        source=str(projection.data.get("referral", {}).get("source") or ""),
+        message_source=source,
+    )
+
+
+def view_of(r: Referral) -> ReferralView:
+    return ReferralView(r.id, r.state, r.created_at, r.updated_at, r.data)
+
+
+def _delivery(referral_id: str, event_id: str, d: DeliveryRequest) -> NewDelivery:
+    return NewDelivery(
+        key=d.key,
+        referral_id=referral_id,
+        event_id=event_id,
+        route_id=d.route_id,
+        kind=d.kind,
+        channel=d.channel,
+        format=d.format,
+        endpoint=d.endpoint,
+        recipient_id=d.recipient_id,
+        receiver_application=d.receiver.application,
+        receiver_facility=d.receiver.facility,
+    )
 
 
 def _release(b: _Batch, new_keys: Sequence[Key], by: int) -> list[int]:

@@ -30,6 +30,7 @@ from typing import Any
 from engine.domain.correlation import Key, KeyKind
 from engine.domain.projection import Referral
 from engine.domain.referral import TERMINAL, Event, State
+from engine.store.outbox import NewDelivery, Outbox
 
 #: pg_advisory_xact_lock(class, key) held while a normaliser batch is written: the class
 #: is "ref1"; the key is the schema's name, hashed, so replicas sharing one schema take
@@ -125,6 +126,7 @@ class Changes:
     events: Sequence[EventRow] = ()
     keys: Sequence[tuple[Key, str]] = ()  # (key, referral id)
     unpark: Sequence[int] = ()  # parked messages (outside the batch) back to received
+    deliveries: Sequence[NewDelivery] = ()  # the outbox rows these events cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,7 @@ class EventLog:
     def __init__(self, dbapi_connection: Any, dialect: str) -> None:
         self.conn = dbapi_connection
         self.sqlite = dialect == "sqlite"
+        self.outbox = Outbox(dbapi_connection, dialect)
         m = "?" if self.sqlite else "%s"
         self._m = m
 
@@ -325,6 +328,8 @@ class EventLog:
                     self.sql["insert_key"],
                     [(k.kind.value, k.value, k.assigner, rid) for k, rid in changes.keys],
                 )
+            if changes.deliveries:
+                self.outbox.insert(cur, changes.deliveries, now)
             touched = [u.message_id for u in changes.messages] + list(changes.unpark)
             if touched:
                 cur.execute(self.sql["forget_parked"], (self._list(touched),))

@@ -191,3 +191,47 @@ parked_keys = Table(
     PrimaryKeyConstraint("message_id", "kind", "value", "assigner"),
     Index(None, "value"),
 )
+
+#: The transactional outbox: one row per delivery, written in the same transaction as
+#: the event that caused it (engine/store/outbox.py; theory of operation there).
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),  # also the per-referral FIFO order
+    Column("key", String(36), nullable=False),  # idempotency key, deterministic per event+route
+    Column("referral_id", String(36), ForeignKey("referrals.id"), nullable=False),
+    Column("event_id", String(36), nullable=False),  # the trigger (referral_events.id)
+    Column("route_id", String(), nullable=False),
+    Column("kind", String(16), nullable=False),  # packet | writeback | notification
+    Column("channel", String(64), nullable=False),
+    Column("format", String(40), nullable=False),
+    Column("endpoint", String(), nullable=True),
+    Column("recipient_id", String(), nullable=True),
+    Column("receiver_application", String(), nullable=True),
+    Column("receiver_facility", String(), nullable=True),
+    # pending → in_flight → delivered | sent (taken, unconfirmed) | dead; cancelled by hand.
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer(), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("next_attempt_at", UtcDateTime(), nullable=False),
+    # Max age counts from here: creation, or when an operator retried it by hand.
+    Column("age_from", UtcDateTime(), nullable=False),
+    Column("claimed_at", UtcDateTime(), nullable=True),
+    Column("claimed_by", String(64), nullable=True),
+    Column("finished_at", UtcDateTime(), nullable=True),
+    # Rendered once, on the first attempt, and sent byte for byte on every retry.
+    Column("payload", LargeBinary(), nullable=True),
+    Column("content_type", String(64), nullable=True),
+    Column("meta", Text(), nullable=True),  # JSON: control_id, subject, filename …
+    Column("last_error", Text(), nullable=True),  # a safe reason, never payload text
+    Column("receipt", Text(), nullable=True),  # JSON: peer_reference, detail, confirmed
+    UniqueConstraint("key"),
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "referral_id", "channel", "id"),
+    Index(None, "channel", "status"),
+)
+
+#: Delivery statuses; the first two are open (they hold their referral's FIFO).
+DELIVERY_OPEN = ("pending", "in_flight")
+DELIVERY_STATUSES = ("pending", "in_flight", "delivered", "sent", "dead", "cancelled")
