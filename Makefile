@@ -6,7 +6,7 @@ PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 CONFIG ?= engine.toml
 
-.PHONY: run test lint typecheck bench venv clean
+.PHONY: run test lint typecheck bench venv clean peers
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,16 @@ run: $(STAMP)
 	$(VENV)/bin/refloop db upgrade --config $(CONFIG)
 	exec $(VENV)/bin/refloop run --config $(CONFIG)
 
-test: $(STAMP)
+# Third-party peers the tests run against, each in its own venv (their pins fight ours).
+SEKMET = .peers/sekmet/bin/sekmet
+
+$(SEKMET):
+	$(PYTHON) -m venv .peers/sekmet
+	.peers/sekmet/bin/pip install -q sekmet-fhir==0.1.1
+
+peers: $(SEKMET)
+
+test: $(STAMP) peers
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
