@@ -270,13 +270,20 @@ class HttpClient:
         if problem:
             raise PermanentError(f"URL refused: {problem}")
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def request(
+        self, method: str, url: str, *, within: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
         """Send one request (``kwargs`` go to ``httpx.AsyncClient.request``); return the
-        2xx response or raise the classified :class:`ChannelError`."""
+        2xx response or raise the classified :class:`ChannelError`. The request takes at
+        most ``timeout_seconds``, or ``within`` seconds when that is less (what is left of
+        an attempt that makes several requests)."""
         self.check_url(url)
         client = self._get()
+        limit = self.settings.timeout_seconds
+        if within is not None:
+            limit = max(0.0, min(within, limit))
         try:
-            async with asyncio.timeout(self.settings.timeout_seconds):
+            async with asyncio.timeout(limit):
                 response = await client.request(method, url, **kwargs)
         except (httpx.RequestError, httpx.InvalidURL, TimeoutError) as exc:
             raise classify_exception(exc) from None

@@ -26,8 +26,12 @@ receipt is unconfirmed right after the 2xx; a later callback can confirm it —
 :func:`parse_status_callback` and :func:`outcome` are the pure halves such an endpoint
 needs.
 
-``send`` therefore takes up to ``receipt_timeout_seconds`` (plus one request timeout),
-not ``timeout_seconds``, which bounds each HTTP request.
+The whole attempt — upload and polls — stays within ``timeout_seconds`` (the dispatcher
+cancels an attempt that overruns it, and a cancelled attempt after a good upload would be
+resent): each poll gets only what is left of it, and when it runs out the receipt is the
+unconfirmed one. Hence ``receipt_timeout_seconds`` may not exceed ``timeout_seconds``, and
+both default higher than for other channels. A fax that takes longer than a dispatcher
+slot should be held for is better confirmed by the gateway's callback.
 """
 
 from __future__ import annotations
@@ -86,8 +90,10 @@ class FaxSettings(TokenAuthSettings):
     to_number: str | None = None
     from_number: str | None = None  # sent as the ``from`` field
     cover: str | None = None  # sent as the ``cover`` field (a cover-sheet name or text)
-    poll_seconds: float = Field(default=30.0, gt=0, le=3600)
-    receipt_timeout_seconds: float = Field(default=300.0, ge=0, le=24 * 3600)
+    # The whole attempt, polling included (see the module docstring).
+    timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    poll_seconds: float = Field(default=15.0, gt=0, le=3600)
+    receipt_timeout_seconds: float = Field(default=90.0, ge=0, le=3600)
     delivered_statuses: tuple[str, ...] = ("delivered", "success", "completed")
     failed_statuses: tuple[str, ...] = ("failed", "error")
     permanent_failure_codes: tuple[str, ...] = ()
@@ -113,6 +119,14 @@ class FaxSettings(TokenAuthSettings):
         if "{id}" not in value:
             raise ValueError("must hold {id} where the gateway's fax id goes")
         checked_url(value.replace("{id}", "id"), info)
+        return value
+
+    @field_validator("receipt_timeout_seconds")
+    @classmethod
+    def _within_attempt(cls, value: float, info: ValidationInfo) -> float:
+        attempt = info.data.get("timeout_seconds")
+        if attempt is not None and value > attempt:
+            raise ValueError("must not exceed timeout_seconds (the whole attempt, polls included)")
         return value
 
     @field_validator("delivered_statuses", "failed_statuses")
@@ -204,6 +218,7 @@ class FaxChannel:
         if self.settings.cover:
             form["cover"] = self.settings.cover
         auth = auth_headers(self.settings, self.context.base_dir)
+        attempt_ends = asyncio.get_running_loop().time() + self.settings.timeout_seconds
         response = await self.http.request(
             "POST",
             self.settings.url,
@@ -221,14 +236,18 @@ class FaxChannel:
             raise RetryableError(
                 f"HTTP {response.status_code} from the fax gateway without a fax id"
             )
-        return await self._track(fax_id, body, auth)
+        return await self._track(fax_id, body, auth, attempt_ends)
 
     async def _track(
-        self, fax_id: str, body: Mapping[str, Any] | None, auth: Mapping[str, str]
+        self,
+        fax_id: str,
+        body: Mapping[str, Any] | None,
+        auth: Mapping[str, str],
+        attempt_ends: float,
     ) -> Receipt:
         status_url = self.settings.status_url
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.receipt_timeout_seconds
+        deadline = min(loop.time() + self.settings.receipt_timeout_seconds, attempt_ends)
         while True:
             result = _body_outcome(self.settings, fax_id, body)
             if isinstance(result, ChannelError):
@@ -241,7 +260,9 @@ class FaxChannel:
             await asyncio.sleep(min(self.settings.poll_seconds, remaining))
             url = status_url.replace("{id}", quote(fax_id, safe=""))
             try:
-                response = await self.http.request("GET", url, headers=dict(auth))
+                response = await self.http.request(
+                    "GET", url, headers=dict(auth), within=attempt_ends - loop.time()
+                )
             except RetryableError:
                 body = None  # the poll failed, not the fax: ask again next time
                 continue

@@ -108,8 +108,8 @@ class Peer:
 
         self.server.expect_request(path, method=method).respond_with_handler(handle)
 
-    def status(self, *bodies: dict[str, Any] | Response) -> None:
-        answers = [b if isinstance(b, Response) else gateway(200, **b) for b in bodies]
+    def status(self, *bodies: dict[str, Any] | Answer) -> None:
+        answers = [gateway(200, **b) if isinstance(b, dict) else b for b in bodies]
         self.answer(*answers, path=STATUS, method="GET")
 
 
@@ -350,6 +350,36 @@ async def test_still_pending_after_the_receipt_timeout_is_an_unconfirmed_receipt
     assert len(peer.of("POST")) == 1  # never resent
 
 
+async def test_a_stalled_poll_never_overruns_the_attempt(peer: Peer, build: Build) -> None:
+    # The dispatcher cancels an attempt past timeout_seconds and would resend the fax: the
+    # channel must answer within it, with the unconfirmed receipt, even if a poll hangs.
+    release = threading.Event()
+
+    def stall(request: Request) -> Response:
+        release.wait(10)
+        return gateway(200, status="delivered")
+
+    peer.answer(gateway())
+    peer.status(stall)
+    channel = build(
+        url=peer.url(),
+        status_url=peer.url("/v1/faxes/{id}"),
+        timeout_seconds=0.6,
+        receipt_timeout_seconds=0.6,
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        receipt = await channel.send(fax())
+        elapsed = loop.time() - started
+    finally:
+        release.set()
+    assert receipt == Receipt(
+        peer_reference=FAX_ID, detail="fax queued at the gateway", confirmed=False
+    )
+    assert elapsed < 0.6 + 0.3
+
+
 async def test_a_status_in_the_submit_answer_needs_no_poll(peer: Peer, build: Build) -> None:
     peer.answer(gateway(200, id=FAX_ID, status="failed", error_code="invalid_number"))
     peer.status({"status": "delivered"})
@@ -556,6 +586,18 @@ def test_settings_refuse_bad_values(key: str, value: Any) -> None:
     with pytest.raises(ChannelConfigError) as caught:
         _settings(**{key: value})
     assert any(p.startswith(f"{key}:") for p in caught.value.problems)
+
+
+def test_the_receipt_timeout_fits_in_the_attempt() -> None:
+    settings = _settings()
+    assert settings.receipt_timeout_seconds <= settings.timeout_seconds
+    _settings(timeout_seconds=300, receipt_timeout_seconds=300)
+    with pytest.raises(ChannelConfigError) as caught:
+        _settings(timeout_seconds=30, receipt_timeout_seconds=60)
+    assert any(
+        p.startswith("receipt_timeout_seconds:") and "timeout_seconds" in p
+        for p in caught.value.problems
+    )
 
 
 def test_settings_need_a_url() -> None:
