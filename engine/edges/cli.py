@@ -23,6 +23,7 @@ from engine.edges.cli_common import (
     parse_since,
     setup_logging,
 )
+from engine.edges.cli_deliveries import deliveries, listen
 from engine.edges.cli_mappings import mappings
 from engine.edges.cli_referrals import parked, referrals, replay
 from engine.protocol.hl7v2 import split_segments
@@ -152,11 +153,18 @@ def config_check(file: Path | None, config_file: Path | None) -> None:
 
 def _check_mappings(config: Config) -> tuple[str | None, list[str]]:
     from engine.mapping.mapset import MappingSetError
-    from engine.services.mappings import OverlayError, load_checked
+    from engine.outbound.routing import OutboundError
+    from engine.services.mappings import OverlayError, load_checked, load_outbound_checked
 
     root = config.mappings_dir()
     try:
-        return load_checked(root, config.overlays()).digest, []
+        digest = load_checked(root, config.overlays()).digest
+        load_outbound_checked(root, config.channels.keys())
+        return digest, []
+    except OutboundError as exc:
+        return None, [f"{config.source}: mappings.dir: {root}: the outbound set did not load:"] + [
+            f"  {e}" for e in exc.errors
+        ]
     except MappingSetError as exc:
         return None, [f"{config.source}: mappings.dir: {root} did not load:"] + [
             f"  {e}" for e in exc.errors
@@ -429,6 +437,8 @@ def send(
 # -- command groups in their own modules ----------------------------------------------
 
 main.add_command(referrals)
+main.add_command(deliveries)
+main.add_command(listen)
 main.add_command(mappings)
 messages.add_command(replay)
 messages.add_command(parked)

@@ -265,12 +265,27 @@ def replay(
 
 
 def _mapping_set(config: Config) -> Any:
+    """The mapping set and the router replay uses (the daemon's, loaded the same way)."""
     from engine.mapping.mapset import MappingSetError
-    from engine.services.mappings import OverlayError, load_checked
+    from engine.outbound.routing import OutboundError
+    from engine.services.mappings import (
+        OverlayError,
+        load_checked,
+        load_outbound_checked,
+        router_of,
+    )
 
     root = config.mappings_dir()
     try:
-        return load_checked(root, config.overlays())
+        mapping_set = load_checked(root, config.overlays())
+        outbound = load_outbound_checked(root, config.channels.keys())
+        return mapping_set, router_of(outbound)
+    except OutboundError as exc:
+        for line in exc.errors:
+            click.echo(line, err=True)
+        raise click.ClickException(
+            f"the outbound set in {root} did not load ({len(exc.errors)} errors); nothing replayed"
+        ) from None
     except MappingSetError as exc:
         for err in exc.errors:
             click.echo(str(err), err=True)
@@ -301,7 +316,10 @@ def _replay(
         raise click.ClickException(f"no message with id {', '.join(map(str, missing))}")
     reports = [Report(i, s) for i, s in chosen if s not in REPLAYABLE]  # never normalised
     wanted = [i for i, s in chosen if s in REPLAYABLE]
-    processor = Processor(engine, lambda: mapping_set, sources_from(config.mllp.listeners))
+    loaded, route = mapping_set
+    processor = Processor(
+        engine, lambda: loaded, sources_from(config.mllp.listeners), router=lambda: route
+    )
     types: dict[int, str | None] = {}
     batch = config.normalizer.batch_size
     try:

@@ -8,6 +8,7 @@ import contextlib
 import signal
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import uvicorn
 from sqlalchemy import Engine
@@ -20,6 +21,8 @@ from engine.edges.normaliser_process import NormaliserProcess
 from engine.logs import get_logger
 from engine.mapping.mapset import MappingSetError
 from engine.metrics import REFERRAL_CORE_FAMILIES, Metrics, select_families
+from engine.outbound.routing import OutboundError
+from engine.services.dispatcher import Dispatcher
 from engine.services.mappings import MappingHolder, OverlayError
 from engine.services.normaliser import NormaliserWorker, sources_from
 from engine.services.writer import GroupCommitWriter
@@ -90,12 +93,27 @@ def load_mappings(config: Config, metrics: Metrics) -> MappingHolder:
             "at the mapping set, or set [normalizer] enabled = false to only store messages"
         )
     try:
-        return MappingHolder.load(root, config.overlays(), metrics)
+        return MappingHolder.load(root, config.overlays(), metrics, config.channels.keys())
+    except OutboundError as exc:
+        lines = "\n".join(f"  {e}" for e in exc.errors)
+        raise StartupError(f"the outbound set in {root} did not load:\n{lines}") from None
     except MappingSetError as exc:
         lines = "\n".join(f"  {e}" for e in exc.errors) or f"  {exc}"
         raise StartupError(f"the mapping set in {root} did not load:\n{lines}") from None
     except OverlayError as exc:
         raise StartupError(f"{config.source}: {exc}") from None
+
+
+def build_channels(config: Config) -> dict[str, Any]:
+    """Every configured channel, built by its plugin: ``{name: (channel, settings)}``."""
+    from channels.base import ChannelContext
+    from channels.registry import plugin
+
+    context = ChannelContext(base_dir=config.source.parent)
+    out: dict[str, Any] = {}
+    for name, settings in config.channels.items():
+        out[name] = (plugin(settings.type)(name, settings, context), settings)
+    return out
 
 
 class Daemon:
@@ -108,6 +126,9 @@ class Daemon:
         self.writer: GroupCommitWriter | None = None
         self.normaliser: NormaliserWorker | None = None  # in-process mode
         self.normaliser_process: NormaliserProcess | None = None  # separate-process mode
+        self.dispatcher: Dispatcher | None = None
+        self.mappings: MappingHolder | None = None
+        self._reloader: asyncio.Task[None] | None = None
         self.listeners: list[MllpListener] = []
         self.http: _EmbeddedServer | None = None
         self._stop = asyncio.Event()
@@ -124,13 +145,30 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGHUP, self.reload_mappings)
         mappings = None
-        if self.config.normalizer.enabled:
+        dispatching = self.config.outbound.enabled and bool(self.config.channels)
+        if self.config.normalizer.enabled or dispatching:
             mappings = await asyncio.to_thread(load_mappings, self.config, self.metrics)
+        self.mappings = mappings
         self.engine = await asyncio.to_thread(prepare_database, self.config)
+        if dispatching and mappings is not None:
+            from engine.outbound.packets.registry import renderers
+
+            holder = mappings
+            self.dispatcher = Dispatcher(
+                self.engine,
+                build_channels(self.config),
+                await asyncio.to_thread(renderers),
+                lambda rid: holder.outbound.specialist(rid),
+                self.config.outbound,
+                self.metrics,
+            )
+        if not self.config.normalizer.enabled:
+            mappings = None
         if mappings is not None and self.config.normalizer.separate_process:
             # Loaded here only to refuse a bad set before anything listens; the child
             # loads (and hot-reloads) its own.
             self.normaliser_process = NormaliserProcess(self.config)
+            self.normaliser_process.on_outbox = self._wake_dispatcher
         elif mappings is not None:
             self.normaliser = NormaliserWorker(
                 self.engine,
@@ -140,6 +178,8 @@ class Daemon:
                 self.config.normalizer,
                 reload_seconds=self.config.mappings.reload_seconds,
             )
+            if self.dispatcher is not None:
+                self.normaliser.on_batch = self._wake_dispatcher
         lanes = self.config.ingest.writers or (1 if self.engine.dialect.name == "sqlite" else 2)
         self.writer = GroupCommitWriter(
             self.engine,
@@ -155,6 +195,12 @@ class Daemon:
                 self.normaliser.start()
             if self.normaliser_process is not None:
                 self.normaliser_process.start()
+            if self.dispatcher is not None:
+                self.dispatcher.start()
+                if self.normaliser is None:
+                    # The directory the dispatcher renders from follows the mapping
+                    # folder here too (the normaliser reloads its own copy).
+                    self._reloader = asyncio.get_running_loop().create_task(self._follow())
             for index, lcfg in enumerate(self.config.mllp.listeners):
                 listener = MllpListener(
                     lcfg,
@@ -185,14 +231,28 @@ class Daemon:
         finally:
             await self._shutdown(http_task)
 
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.mappings.reload_seconds)
+            if self.mappings is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.mappings.check)
+
     def reload_mappings(self) -> None:
         """SIGHUP: load the mapping set again now (a bad one keeps the running one)."""
+        if self._reloader is not None and self.mappings is not None:
+            holder = self.mappings
+            asyncio.get_running_loop().run_in_executor(None, holder.reload)
         if self.normaliser is not None:
             log.info("daemon.reload_requested")
             self.normaliser.request_reload()
         if self.normaliser_process is not None:
             log.info("daemon.reload_requested")
             self.normaliser_process.request_reload()
+
+    def _wake_dispatcher(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.wake_threadsafe()
 
     def _wake_normaliser(self) -> Callable[[], None] | None:
         if self.normaliser is not None:
@@ -282,6 +342,14 @@ class Daemon:
             await self.normaliser.stop()
         if self.normaliser_process is not None:
             await self.normaliser_process.stop()
+        if self._reloader is not None:
+            self._reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloader
+        if self.dispatcher is not None:
+            # Last: what the normaliser enqueued while draining still goes out, and
+            # deliveries on the wire get stop_seconds to finish.
+            await self.dispatcher.stop()
         if self.engine is not None:
             self.engine.dispose()
         log.info("daemon.stopped")

@@ -6,18 +6,26 @@ costs a directory walk — or SIGHUP loads a fresh set beside the running one. O
 that loads completely *and* still has every overlay a listener names replaces it; a bad
 one is logged with its errors, counted, and the old set keeps normalising. The swap is
 one reference assignment, so a batch in flight finishes with the set it started with.
+
+The outbound set (routes, write-back, the specialist directory under ``outbound/`` and
+``directory/``) lives in the same folder and travels with it: both load, or neither
+replaces what runs. Its channel names are checked against ``[channels]`` of the config.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.logs import get_logger
 from engine.mapping.mapset import MappingSet, MappingSetError, load_mapping_set
 from engine.metrics import Metrics
+from engine.outbound.model import DeliveryRequest, Trigger
+from engine.outbound.packets.registry import FORMATS
+from engine.outbound.routing import Outbound, OutboundError, load_outbound
+from engine.services.pipeline import Route
 
 log = get_logger("refloop.mappings")
 
@@ -71,22 +79,60 @@ def load_checked(root: Path, overlays: Mapping[str, str]) -> MappingSet:
     return mapping_set
 
 
+def load_outbound_checked(root: Path, channels: Collection[str] | None) -> Outbound:
+    """The outbound set, with every format and (when given) channel name checked;
+    raises OutboundError listing file:line:column problems."""
+    return load_outbound(root, known_formats=FORMATS, known_channels=channels)
+
+
+def router_of(outbound: Outbound) -> Route | None:
+    """The pipeline's router for this outbound set (None: no route is enabled)."""
+    if not any(r.enabled for r in outbound.routes):
+        return None
+
+    def route(trigger: Trigger) -> tuple[Sequence[DeliveryRequest], Sequence[str]]:
+        routed = outbound.route(trigger)
+        return routed.deliveries, [f"route {u.route_id}: {u.reason}" for u in routed.unrouted]
+
+    return route
+
+
 class MappingHolder:
     """Holds the current set; :meth:`check` and :meth:`reload` replace it when safe."""
 
     def __init__(
-        self, root: Path, overlays: Mapping[str, str], metrics: Metrics, current: MappingSet
+        self,
+        root: Path,
+        overlays: Mapping[str, str],
+        metrics: Metrics,
+        current: MappingSet,
+        outbound: Outbound | None = None,
+        channels: Collection[str] | None = None,
     ) -> None:
         self.root = root
         self.overlays = dict(overlays)
         self.metrics = metrics
         self.current = current
+        self.channels = frozenset(channels) if channels is not None else None
+        self.outbound = outbound or load_outbound_checked(root, self.channels)
+        self._router = router_of(self.outbound)
         self._seen = fingerprint(root)
 
     @classmethod
-    def load(cls, root: Path, overlays: Mapping[str, str], metrics: Metrics) -> MappingHolder:
+    def load(
+        cls,
+        root: Path,
+        overlays: Mapping[str, str],
+        metrics: Metrics,
+        channels: Collection[str] | None = None,
+    ) -> MappingHolder:
         """At start: raises on any problem, so the daemon refuses to run without a set."""
-        return cls(root, overlays, metrics, load_checked(root, overlays))
+        mapping_set = load_checked(root, overlays)
+        outbound = load_outbound_checked(root, channels)
+        return cls(root, overlays, metrics, mapping_set, outbound, channels)
+
+    def router(self) -> Route | None:
+        return self._router
 
     def check(self) -> Reload | None:
         """Reload if any file changed since the last look; None when nothing did."""
@@ -99,10 +145,11 @@ class MappingHolder:
     def reload(self) -> Reload:
         try:
             fresh = load_checked(self.root, self.overlays)
-        except (MappingSetError, OverlayError) as exc:
+            outbound = load_outbound_checked(self.root, self.channels)
+        except (MappingSetError, OverlayError, OutboundError) as exc:
             errors = (
                 tuple(str(e) for e in exc.errors)
-                if isinstance(exc, MappingSetError)
+                if isinstance(exc, MappingSetError | OutboundError)
                 else tuple(str(exc).splitlines())
             )
             self.metrics.mapping_reloads.labels("error").inc()
@@ -113,10 +160,12 @@ class MappingHolder:
                 errors=list(errors),
             )
             return Reload("error", self.current.digest, errors)
-        if fresh.digest == self.current.digest:
+        if fresh.digest == self.current.digest and outbound.digest == self.outbound.digest:
             return Reload("unchanged", fresh.digest)
         before = self.current.digest
         self.current = fresh
+        self.outbound = outbound
+        self._router = router_of(outbound)
         self.metrics.mapping_reloads.labels("ok").inc()
         log.info("mappings.reloaded", root=str(self.root), before=before, digest=fresh.digest)
         return Reload("ok", fresh.digest)

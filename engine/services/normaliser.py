@@ -463,6 +463,7 @@ class NormaliserWorker:
             metrics,
             clock=clock,
             share_cpu=share_cpu,
+            router=mappings.router,
         )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="refloop-normaliser")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -471,6 +472,9 @@ class NormaliserWorker:
         self._reload = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        # Called on the event loop after a batch committed (the dispatcher may have new
+        # deliveries to look at).
+        self.on_batch: Callable[[], None] | None = None
         metrics.declare_referral_core([s.value for s in State], [e.value for e in Event])
 
     # -- control (event loop) ------------------------------------------------------------
@@ -575,6 +579,8 @@ class NormaliserWorker:
             except Busy:
                 return True, worked
             worked = worked or bool(reports)
+            if self.on_batch is not None and any(r.new_events for r in reports):
+                self.on_batch()
             for r in reports:
                 if r.status == "mapping_error":
                     log.warning(
