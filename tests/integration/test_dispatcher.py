@@ -149,7 +149,8 @@ def test_the_order_enqueues_its_packet_in_the_same_transaction(
     )
     with engine.connect() as conn:
         trigger = conn.execute(select(referral_events.c.id, referral_events.c.type)).one()
-    assert row.event_id == trigger.id and trigger.type == "referral.created"
+    assert row.event_id == trigger.id
+    assert trigger.type == "referral.created"
 
 
 def test_replaying_the_message_enqueues_nothing_twice(engine: Engine, clock: Clock) -> None:
@@ -165,7 +166,8 @@ async def test_a_packet_delivered_sends_the_referral(engine: Engine, clock: Cloc
     d = dispatcher(engine, channel, clock)
     await run_until(d, lambda: rows(engine)[0].status != "pending" and not d._attempts)
     [row] = rows(engine)
-    assert row.status == "delivered" and row.attempts == 1
+    assert row.status == "delivered"
+    assert row.attempts == 1
     assert '"peer_reference": "MSG1"' in row.receipt
     assert events(engine) == ["referral.created", "referral.sent", "referral.delivered"]
     assert state(engine) == "sent"
@@ -197,7 +199,8 @@ async def test_a_retryable_failure_waits_its_backoff_then_the_same_bytes_go_agai
     d = dispatcher(engine, channel, clock)
     await run_until(d, lambda: len(channel.sent) == 1 and not d._attempts)
     [row] = rows(engine)
-    assert row.status == "pending" and row.last_error == "peer down"
+    assert row.status == "pending"
+    assert row.last_error == "peer down"
     wait = (row.next_attempt_at.replace(tzinfo=UTC) - clock.now).total_seconds()
     assert 5 <= wait <= 10  # half to all of the 10 s initial backoff
     assert events(engine) == ["referral.created"]  # a retry is not an event
@@ -309,7 +312,8 @@ async def test_a_stalled_in_flight_delivery_is_reclaimed_and_sent_once_more(
     try:
         ob = Outbox(raw.driver_connection, engine.dialect.name)
         [claimed] = ob.claim(clock.now, "crashed-worker", 10, ["fake"])
-        assert claimed.status == "in_flight" and claimed.attempts == 1
+        assert claimed.status == "in_flight"
+        assert claimed.attempts == 1
         assert ob.claim(clock.now, "other", 10, ["fake"]) == []  # held by its claimer
     finally:
         raw.close()
