@@ -157,30 +157,30 @@ def error_code(body: bytes) -> str | None:
         return None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return None
     return _code_in(data)
 
 
-def _code_in(data: Any) -> str | None:
+def _code_in(data: Any, depth: int = 0) -> str | None:
+    if depth > 3:  # error bodies nest a level or two; deeper is not an error envelope
+        return None
     if isinstance(data, list) and data:
-        return _code_in(data[0])  # {"errors": [...]} bodies name the first error first
+        return _code_in(data[0], depth + 1)  # a list of errors names the first one first
     if not isinstance(data, Mapping):
         return None
     for key in _CODE_KEYS:
         value = data.get(key)
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            return str(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         if isinstance(value, str) and _CODE.fullmatch(value):
             return value
         if isinstance(value, Mapping):  # {"error": {"code": ...}}
-            nested = _code_in(value)
+            nested = _code_in(value, depth + 1)
             if nested:
                 return nested
     errors = data.get("errors")
-    return _code_in(errors) if isinstance(errors, list) else None
+    return _code_in(errors, depth + 1) if isinstance(errors, list) else None
 
 
 def classify_response(response: httpx.Response, *, now: float) -> ChannelError | None:
@@ -304,7 +304,7 @@ def json_object(response: httpx.Response) -> Mapping[str, Any] | None:
         return None
     try:
         data = json.loads(response.content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, Mapping) else None
 

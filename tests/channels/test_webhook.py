@@ -484,6 +484,9 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
         (b'[{"code": "first"}, {"code": "second"}]', "first"),
         (b'{"error": "Patient John Smith not found"}', None),
         (b'{"code": true}', None),
+        (b'{"code": ' + b"9" * 60 + b"}", None),  # a number that long is not a code
+        (b"[" * 50_000 + b"]" * 50_000, None),  # nesting past the parser's limit
+        (b"\xff\xfe{", None),
         (b'{"message": "nothing machine-readable"}', None),
         (b"<html>502 Bad Gateway</html>", None),
         (b"", None),
