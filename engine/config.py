@@ -223,6 +223,9 @@ class NormalizerConfig(_Frozen):
 class OutboundConfig(_Frozen):
     # Deliver what routing enqueues (packets, write-backs); off, deliveries wait in the outbox.
     enabled: bool = True
+    # The folder holding outbound/ (routes, write-back) and directory/ (specialists),
+    # relative to this file. Default: the [mappings] dir (they are analysts' files too).
+    dir: Path | None = None
     # How often the dispatcher looks for due deliveries when nothing woke it (the
     # normaliser in its own process, another replica, a retry coming due).
     poll_seconds: float = Field(default=0.2, gt=0, le=60)
@@ -277,6 +280,9 @@ class Config(_Frozen):
 
     def mappings_dir(self) -> Path:
         return self.resolve(self.mappings.dir)
+
+    def outbound_dir(self) -> Path:
+        return self.resolve(self.outbound.dir) if self.outbound.dir else self.mappings_dir()
 
     def overlays(self) -> dict[str, str]:
         """``{listener: overlay}`` for listeners that name one."""

@@ -159,7 +159,7 @@ def _check_mappings(config: Config) -> tuple[str | None, list[str]]:
     root = config.mappings_dir()
     try:
         digest = load_checked(root, config.overlays()).digest
-        load_outbound_checked(root, config.channels.keys())
+        load_outbound_checked(config.outbound_dir(), config.channels.keys())
         return digest, []
     except OutboundError as exc:
         return None, [f"{config.source}: mappings.dir: {root}: the outbound set did not load:"] + [

@@ -10,6 +10,10 @@ import click
 from engine.mapping.fixtures import case_files, run_cases
 from engine.mapping.mapset import MappingSet, MappingSetError, load_mapping_set
 from engine.mapping.schema import SCHEMAS, render
+from engine.outbound.packets.registry import FORMATS
+from engine.outbound.routing import Outbound, OutboundError, load_outbound
+from engine.outbound.schema import SCHEMAS as OUTBOUND_SCHEMAS
+from engine.outbound.schema import render as render_outbound
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -26,6 +30,21 @@ def _load(directory: Path) -> MappingSet:
         ) from None
 
 
+def _load_outbound(directory: Path) -> Outbound:
+    """The outbound set (routes, write-back, directory); formats are checked here,
+    channel names by ``refloop config check`` (they live in the config)."""
+    try:
+        return load_outbound(directory, known_formats=FORMATS)
+    except OutboundError as exc:
+        for line in exc.errors:
+            file, _, rest = line.partition(": ")
+            click.echo(f"{file}: error: {rest}" if rest else line, err=True)
+        n = len(exc.errors)
+        raise click.ClickException(
+            f"{n} error{'s' if n != 1 else ''} in {directory} (outbound); nothing was loaded"
+        ) from None
+
+
 @click.group("mappings")
 def mappings() -> None:
     """Validate and test the YAML mappings (no database needed)."""
@@ -39,11 +58,14 @@ def check(directory: Path) -> None:
     Errors are printed as file:line:column; the exit status is 1 if there is any.
     """
     mapset = _load(directory)
+    outbound = _load_outbound(directory)
     overlays = ", ".join(sorted(mapset.overlays)) or "none"
     tables = sum(len(v) for v in mapset.valuesets.values())
     click.echo(
         f"ok: {len(mapset.mappings)} mappings, {tables} value sets, overlays: {overlays} "
-        f"(digest {mapset.digest})"
+        f"(digest {mapset.digest}); outbound: {len(outbound.routes)} routes, "
+        f"{len(outbound.directory.specialists)} specialists, {len(outbound.writeback)} write-back "
+        f"sources (digest {outbound.digest})"
     )
 
 
@@ -79,4 +101,7 @@ def schema(directory: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in SCHEMAS:
         (out / name).write_text(render(name), encoding="utf-8")
+        click.echo(f"wrote {out / name}")
+    for name in OUTBOUND_SCHEMAS:
+        (out / name).write_text(render_outbound(name), encoding="utf-8")
         click.echo(f"wrote {out / name}")

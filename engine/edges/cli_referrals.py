@@ -278,8 +278,8 @@ def _mapping_set(config: Config) -> Any:
     root = config.mappings_dir()
     try:
         mapping_set = load_checked(root, config.overlays())
-        outbound = load_outbound_checked(root, config.channels.keys())
-        return mapping_set, router_of(outbound)
+        outbound = load_outbound_checked(config.outbound_dir(), config.channels.keys())
+        return mapping_set, router_of(outbound, config.channels.keys())
     except OutboundError as exc:
         for line in exc.errors:
             click.echo(line, err=True)

@@ -93,7 +93,9 @@ def load_mappings(config: Config, metrics: Metrics) -> MappingHolder:
             "at the mapping set, or set [normalizer] enabled = false to only store messages"
         )
     try:
-        return MappingHolder.load(root, config.overlays(), metrics, config.channels.keys())
+        return MappingHolder.load(
+            root, config.overlays(), metrics, config.channels.keys(), config.outbound_dir()
+        )
     except OutboundError as exc:
         lines = "\n".join(f"  {e}" for e in exc.errors)
         raise StartupError(f"the outbound set in {root} did not load:\n{lines}") from None

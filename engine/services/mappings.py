@@ -85,9 +85,13 @@ def load_outbound_checked(root: Path, channels: Collection[str] | None) -> Outbo
     return load_outbound(root, known_formats=FORMATS, known_channels=channels)
 
 
-def router_of(outbound: Outbound) -> Route | None:
-    """The pipeline's router for this outbound set (None: no route is enabled)."""
+def router_of(outbound: Outbound, channels: Collection[str] | None = None) -> Route | None:
+    """The pipeline's router for this outbound set. None — nothing is enqueued — when no
+    route is enabled, or when the config defines no channel at all (a fresh install: an
+    outbox nobody could ever deliver would only fill up and warn)."""
     if not any(r.enabled for r in outbound.routes):
+        return None
+    if channels is not None and not channels:
         return None
 
     def route(trigger: Trigger) -> tuple[Sequence[DeliveryRequest], Sequence[str]]:
@@ -108,15 +112,17 @@ class MappingHolder:
         current: MappingSet,
         outbound: Outbound | None = None,
         channels: Collection[str] | None = None,
+        outbound_root: Path | None = None,
     ) -> None:
         self.root = root
+        self.outbound_root = outbound_root or root
         self.overlays = dict(overlays)
         self.metrics = metrics
         self.current = current
         self.channels = frozenset(channels) if channels is not None else None
-        self.outbound = outbound or load_outbound_checked(root, self.channels)
-        self._router = router_of(self.outbound)
-        self._seen = fingerprint(root)
+        self.outbound = outbound or load_outbound_checked(self.outbound_root, self.channels)
+        self._router = router_of(self.outbound, self.channels)
+        self._seen = self._fingerprint()
 
     @classmethod
     def load(
@@ -125,18 +131,25 @@ class MappingHolder:
         overlays: Mapping[str, str],
         metrics: Metrics,
         channels: Collection[str] | None = None,
+        outbound_root: Path | None = None,
     ) -> MappingHolder:
         """At start: raises on any problem, so the daemon refuses to run without a set."""
         mapping_set = load_checked(root, overlays)
-        outbound = load_outbound_checked(root, channels)
-        return cls(root, overlays, metrics, mapping_set, outbound, channels)
+        outbound = load_outbound_checked(outbound_root or root, channels)
+        return cls(root, overlays, metrics, mapping_set, outbound, channels, outbound_root)
+
+    def _fingerprint(self) -> Fingerprint:
+        seen = fingerprint(self.root)
+        if self.outbound_root != self.root:
+            seen += fingerprint(self.outbound_root)
+        return seen
 
     def router(self) -> Route | None:
         return self._router
 
     def check(self) -> Reload | None:
         """Reload if any file changed since the last look; None when nothing did."""
-        seen = fingerprint(self.root)
+        seen = self._fingerprint()
         if seen == self._seen:
             return None
         self._seen = seen
@@ -145,7 +158,7 @@ class MappingHolder:
     def reload(self) -> Reload:
         try:
             fresh = load_checked(self.root, self.overlays)
-            outbound = load_outbound_checked(self.root, self.channels)
+            outbound = load_outbound_checked(self.outbound_root, self.channels)
         except (MappingSetError, OverlayError, OutboundError) as exc:
             errors = (
                 tuple(str(e) for e in exc.errors)
@@ -165,7 +178,7 @@ class MappingHolder:
         before = self.current.digest
         self.current = fresh
         self.outbound = outbound
-        self._router = router_of(outbound)
+        self._router = router_of(outbound, self.channels)
         self.metrics.mapping_reloads.labels("ok").inc()
         log.info("mappings.reloaded", root=str(self.root), before=before, digest=fresh.digest)
         return Reload("ok", fresh.digest)

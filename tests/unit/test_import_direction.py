@@ -41,6 +41,11 @@ RULES = [
         why="the domain core is pure: standard library and itself only",
     ),
     Rule(
+        "engine.outbound",
+        allowed_engine=("engine.outbound", "engine.domain", "engine.protocol", "engine.mapping"),
+        why="outbound routing and packets are pure: they know events and referrals, not I/O",
+    ),
+    Rule(
         "engine.services",
         allowed_engine=None,
         forbidden=("engine.edges",),
@@ -54,9 +59,9 @@ RULES = [
     ),
     Rule(
         "channels",
-        allowed_engine=None,
-        forbidden=("engine.store", "engine.services", "engine.edges"),
-        why="channels import only the channel protocol and protocol code",
+        allowed_engine=("engine.protocol",),
+        why="channels import only the channel protocol and protocol code (never the store, "
+        "the mapping engine or the runtime)",
     ),
 ]
 
@@ -140,6 +145,10 @@ def test_imports_point_down(path: Path) -> None:
         ("channels.fax", "from engine.store.messages import insert_messages"),
         ("channels.fax", "from engine.services import writer"),
         ("channels", "from engine.edges import http_app"),
+        ("channels.mllp", "from engine.mapping.mapset import MappingSet"),
+        ("channels.mllp", "from engine.config import Config"),
+        ("engine.outbound.routing", "from engine.store.outbox import Outbox"),
+        ("engine.outbound.packets.hl7v2", "from engine.services import dispatcher"),
         (
             "engine.store.schema",
             "if TYPE_CHECKING:\n    from engine.services import x\n",
