@@ -16,7 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -220,6 +227,10 @@ class NormalizerConfig(_Frozen):
     separate_process: bool = True
 
 
+#: Seconds an attempt's timeout must stay below the dispatcher's lease.
+OUTBOUND_LEASE_MARGIN = 5.0
+
+
 class OutboundConfig(_Frozen):
     # Deliver what routing enqueues (packets, write-backs); off, deliveries wait in the outbox.
     enabled: bool = True
@@ -277,6 +288,20 @@ class Config(_Frozen):
         if problems:
             raise ValueError("; ".join(problems))
         return out
+
+    @model_validator(mode="after")
+    def _lease_outlives_attempts(self) -> Config:
+        # A lease shorter than an attempt lets another replica take back a delivery
+        # that is still on the wire: it would go out twice.
+        for name, settings in self.channels.items():
+            limit = self.outbound.lease_seconds - OUTBOUND_LEASE_MARGIN
+            if settings.timeout_seconds > limit:
+                raise ValueError(
+                    f"channels.{name}.timeout_seconds ({settings.timeout_seconds:g}) must be "
+                    f"below [outbound] lease_seconds ({self.outbound.lease_seconds:g}) minus "
+                    f"{OUTBOUND_LEASE_MARGIN:g}"
+                )
+        return self
 
     def mappings_dir(self) -> Path:
         return self.resolve(self.mappings.dir)
@@ -403,6 +428,9 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
                 # One line per channel problem, each with its own key path.
                 text = str(err["msg"]).removeprefix("Value error, ")
                 lines += [f"{source}: channels.{p}" for p in text.split("; ")]
+            elif not err["loc"] and err["type"] == "value_error":
+                # A rule across sections names its own keys.
+                lines.append(f"{source}: {str(err['msg']).removeprefix('Value error, ')}")
             else:
                 lines.append(f"{source}: {_key_path(err['loc'])}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None

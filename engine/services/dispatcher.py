@@ -157,8 +157,8 @@ class DispatchStore:
                 out += self.eventlog.outbox.claim(now, worker, n, [channel])
         return out
 
-    def reclaim(self, before: datetime) -> int:
-        return self.eventlog.outbox.reclaim(before)
+    def reclaim(self, before: datetime, worker: str) -> int:
+        return self.eventlog.outbox.reclaim(before, worker)
 
     def counts(self) -> dict[tuple[str, str], int]:
         return self.eventlog.outbox.counts()
@@ -417,7 +417,9 @@ class Dispatcher:
                     # At start on SQLite nobody else can hold a row: take back every
                     # in-flight row at once; otherwise only those past their lease.
                     lease = 0.0 if first and self._single_process() else self.config.lease_seconds
-                    taken = await self._call(self.store.reclaim, now - timedelta(seconds=lease))
+                    taken = await self._call(
+                        self.store.reclaim, now - timedelta(seconds=lease), self.worker
+                    )
                     if taken:
                         log.warning("dispatcher.reclaimed", count=taken)
                     first = False

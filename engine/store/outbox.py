@@ -200,8 +200,10 @@ class Outbox:
             f"claimed_by = {m}, attempts = attempts + 1, updated_at = {m} "
             f"WHERE {among('id')}",
             "get": f"SELECT {cols} FROM deliveries WHERE {among('id')} ORDER BY id",
+            # Never a row its own claimer still works on: a live dispatcher knows its
+            # own, and only another (dead) one's rows can be stalled.
             "reclaim": "UPDATE deliveries SET status = 'pending', claimed_by = NULL "
-            f"WHERE status = 'in_flight' AND claimed_at < {m}",
+            f"WHERE status = 'in_flight' AND claimed_at < {m} AND claimed_by <> {m}",
             "render": f"UPDATE deliveries SET payload = {m}, content_type = {m}, meta = {m} "
             f"WHERE id = {m}",
             "finish": f"UPDATE deliveries SET status = {m}, updated_at = {m}, finished_at = {m}, "
@@ -301,11 +303,11 @@ class Outbox:
             raise
         return [self._delivery(r) for r in rows]
 
-    def reclaim(self, stalled_before: datetime) -> int:
-        """In-flight rows claimed before ``stalled_before`` back to pending."""
+    def reclaim(self, stalled_before: datetime, worker: str) -> int:
+        """Other workers' in-flight rows claimed before ``stalled_before`` back to pending."""
         self.begin()
         try:
-            n = self._exec("reclaim", self._stamp(stalled_before))
+            n = self._exec("reclaim", self._stamp(stalled_before), worker)
             self.commit()
         except BaseException:
             self.end()
