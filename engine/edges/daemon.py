@@ -163,6 +163,7 @@ class Daemon:
                 lambda rid: holder.outbound.specialist(rid),
                 self.config.outbound,
                 self.metrics,
+                route_options=lambda route: holder.outbound.options(route),
             )
         if not self.config.normalizer.enabled:
             mappings = None

@@ -81,8 +81,17 @@ ROUTE_KEYS = (
     "format",
     "channel",
     "endpoint",
+    "options",
     "enabled",
 )
+#: Renderer options a route may set (PacketContext.options), each with what it does.
+ROUTE_OPTIONS = {
+    "profile": "hl7v2.omg_o19: 360X sets MSH-21 360X, MSH-15/16 NE",
+    "identifier_system": "fhir.*: the system of refloop's referral identifier",
+    "placer_system": "fhir.*: the system of the placer order number",
+    "service_request_status": "fhir.status_update: off leaves ServiceRequest.status alone",
+    "page": "document.pdf: Letter (default) or A4",
+}
 WHEN_KEYS = ("state", "state_before", "specialty", "priority", "source", "recipient")
 SENDS = ("packet", "writeback", "notification")
 TOS = ("recipient", "source")
@@ -150,6 +159,7 @@ class Route:
     endpoint: str = ""
     enabled: bool = True
     where: str = ""  # file:line:column of the route
+    options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -340,6 +350,13 @@ class Outbound:
             )
         )
 
+    def options(self, route_id: str) -> Mapping[str, str]:
+        """The renderer options of a route (empty when it no longer exists)."""
+        for route in self.routes:
+            if route.id == route_id:
+                return route.options
+        return MappingProxyType({})
+
     def specialist(self, id: str) -> Specialist | None:
         return self.directory.get(id)
 
@@ -481,7 +498,15 @@ def _route(check: Checker, value: Any, at: KeyPath, loading: _Loading) -> Route:
     if overrides["channel"] and enabled:
         check.name("channel", overrides["channel"], (*at, "channel"), loading.known_channels)
     when = _when(check, data["when"], (*at, "when"), loading) if "when" in data else When()
+    options: dict[str, str] = {}
+    if "options" in data:
+        table = check.mapping(data["options"], (*at, "options"), "options")
+        check.known_keys(table, (*at, "options"), tuple(ROUTE_OPTIONS))
+        options = {
+            k: check.text(v, (*at, "options", k), k) for k, v in table.items() if k in ROUTE_OPTIONS
+        }
     return Route(
+        options=MappingProxyType(options),
         id=ident,
         on=on,
         send=send,

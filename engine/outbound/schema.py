@@ -64,6 +64,7 @@ def routes_schema() -> dict[str, Any]:
             "format": _TEXT,
             "channel": _TEXT,
             "endpoint": _TEXT,
+            "options": _closed({k: _TEXT for k in r.ROUTE_OPTIONS}),
             "enabled": _BOOL,
         },
         ("id", "on", "send"),

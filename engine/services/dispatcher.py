@@ -169,6 +169,7 @@ class DispatchStore:
         now: datetime,
         sender: Party,
         recipient: Specialist | None,
+        options: Mapping[str, str],
     ) -> PacketContext:
         """Everything the renderer reads, from the log and the stored messages."""
         el = self.eventlog
@@ -215,6 +216,7 @@ class DispatchStore:
             receiver=receiver,
             recipient=recipient,
             sources=sources,
+            options=dict(options),
         )
 
     def save_render(self, d: Delivery, rendered: Rendered) -> None:
@@ -340,8 +342,10 @@ class Dispatcher:
         *,
         clock: Callable[[], datetime] | None = None,
         worker: str | None = None,
+        route_options: Callable[[str], Mapping[str, str]] | None = None,
     ) -> None:
         self.config = config
+        self.route_options = route_options or (lambda _route: {})
         self.metrics = metrics
         self.renderers = renderers
         self.directory = directory
@@ -515,7 +519,9 @@ class Dispatcher:
     def _render(self, d: Delivery, renderer: Renderer) -> Rendered:
         """In the store's thread: read the context, render, keep the payload."""
         recipient = self.directory(d.recipient_id) if d.recipient_id else None
-        ctx = self.store.context(d, self.clock(), self.sender, recipient)
+        ctx = self.store.context(
+            d, self.clock(), self.sender, recipient, self.route_options(d.route_id)
+        )
         try:
             rendered = renderer(ctx)
         except RenderError:

@@ -45,6 +45,7 @@ def outbound_dir(tmp: Path, smtp_to: str) -> Path:
     to: source
     channel: ehr-fhir
     format: fhir.status_update
+    options: {service_request_status: "off"}   # SEKMET has no conditional PATCH
 """
     (out / "outbound" / "routes.yaml").write_text(routes)
     (out / "outbound" / "writeback.yaml").write_text(

@@ -10,11 +10,14 @@ from engine.outbound.packets import Renderer
 def renderers() -> Mapping[str, Renderer]:
     """Imported on first use: hl7apy and fhir.resources take a moment to load, and only
     the processes that render (the daemon's dispatcher, the CLI) need them."""
-    from engine.outbound.packets import document, event_json, fhir, hl7v2
+    import engine.outbound.packets.document as document
+    import engine.outbound.packets.event_json as event_json
+    import engine.outbound.packets.fhir as fhir
+    import engine.outbound.packets.hl7v2 as hl7v2
 
     out: dict[str, Renderer] = {}
-    for module in (hl7v2, fhir, document, event_json):
-        out.update(module.RENDERERS)
+    for table in (hl7v2.RENDERERS, fhir.RENDERERS, document.RENDERERS, event_json.RENDERERS):
+        out.update(table)
     return out
 
 
