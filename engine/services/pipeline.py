@@ -183,9 +183,7 @@ class _Batch:
                 yield OpenReferral(r.id, patient, r.specialty or "", r.created_at)
 
 
-def plan(
-    batch: Sequence[Inbound], known: Known, now: datetime, route: Route | None = None
-) -> Plan:
+def plan(batch: Sequence[Inbound], known: Known, now: datetime, route: Route | None = None) -> Plan:
     """Decide what the batch does (see the module docstring)."""
     ids = {i.message_id for i in batch}
     known = replace(known, parked=[(m, k) for m, k in known.parked if m not in ids])
