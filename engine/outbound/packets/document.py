@@ -37,7 +37,7 @@ from fpdf.fonts import FontFace
 
 from engine.outbound.model import PacketContext, Rendered, RenderError
 from engine.outbound.packets import Renderer
-from engine.outbound.packets.fhir import diagnoses
+from engine.outbound.packets.hl7source import diagnoses
 
 HTML = "text/html"
 PDF = "application/pdf"
