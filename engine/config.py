@@ -185,6 +185,75 @@ class MllpConfig(_Frozen):
         return value
 
 
+class FhirSubscriptionConfig(_Frozen):
+    """One Subscription refloop keeps on a FHIR source's server (issue 5)."""
+
+    resource: Literal["ServiceRequest", "Task", "Appointment", "DocumentReference"]
+    # R4 core rest-hook: a search string (``Task?status=completed``) …
+    criteria: str | None = None
+    # … or R4 Subscriptions Backport: a SubscriptionTopic canonical URL and its filter.
+    topic: str | None = None
+    filter: str | None = None
+    payload: Literal["full-resource", "id-only", "empty"] = "full-resource"
+    # A subscription silent for longer than this (no event, no heartbeat) is reported.
+    heartbeat_seconds: int = Field(default=300, ge=10)
+
+
+class FhirSourceConfig(_Frozen):
+    """A system that writes FHIR to refloop (REST writes, subscription notifications)."""
+
+    # Shares the namespace of MLLP listeners: it is the message's `listener` and the
+    # write-back source of the referrals it creates.
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    # The credential this source presents: a bearer token, or an HMAC secret for
+    # signed notifications (athenahealth-style X-Hub-Signature). At least one.
+    token: SecretRef | None = None
+    hmac_secret: SecretRef | None = None
+    allowed_cidrs: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+    # The mapping overlay (<mappings dir>/sources/<name>/) for this source's resources.
+    mappings: str | None = Field(default=None, min_length=1)
+    # The source's own FHIR server, as a [channels.<name>] of type fhir (its base_url and
+    # auth): where id-only notifications are read back, gaps reconciled by search, and
+    # Subscriptions created.
+    server: str | None = None
+    # The URL the source's server calls for notifications (our /fhir/r4/_notify/<name>,
+    # as the server reaches it).
+    notify_url: str | None = None
+    subscriptions: tuple[FhirSubscriptionConfig, ...] = ()
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    timezone: str = "UTC"
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return ListenerConfig._cidrs(value)
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in self.allowed_cidrs)
+
+    @model_validator(mode="after")
+    def _credential(self) -> FhirSourceConfig:
+        if self.token is None and self.hmac_secret is None:
+            raise ValueError(
+                "a FHIR source needs a credential: set token (bearer) or hmac_secret, "
+                "each {env = ...} or {file = ...}"
+            )
+        return self
+
+
+class FhirConfig(_Frozen):
+    sources: tuple[FhirSourceConfig, ...] = ()
+
+    @field_validator("sources")
+    @classmethod
+    def _unique(cls, value: tuple[FhirSourceConfig, ...]) -> tuple[FhirSourceConfig, ...]:
+        names = [s.name for s in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate FHIR source names: {', '.join(dupes)}")
+        return value
+
+
 class LoggingConfig(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -261,6 +330,7 @@ class Config(_Frozen):
     mappings: MappingsConfig = MappingsConfig()
     normalizer: NormalizerConfig = NormalizerConfig()
     outbound: OutboundConfig = OutboundConfig()
+    fhir: FhirConfig = FhirConfig()
     # [channels.<name>]: each table's `type` picks a channel plugin (refloop.channels entry
     # points) whose own Settings model validates the rest.
     channels: dict[str, Any] = Field(default_factory=dict)
@@ -290,6 +360,22 @@ class Config(_Frozen):
         return out
 
     @model_validator(mode="after")
+    def _sources_are_distinct(self) -> Config:
+        listeners = {x.name for x in self.mllp.listeners}
+        for source in self.fhir.sources:
+            if source.name in listeners:
+                raise ValueError(
+                    f"fhir.sources: {source.name!r} is also an MLLP listener's name; a source "
+                    "name says where a referral came from, so it must be unique"
+                )
+            if source.server is not None and source.server not in self.channels:
+                raise ValueError(
+                    f"fhir.sources: {source.name}: server = {source.server!r} is not a "
+                    "[channels.<name>] of this file"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _lease_outlives_attempts(self) -> Config:
         # A lease shorter than an attempt lets another replica take back a delivery
         # that is still on the wire: it would go out twice.
@@ -310,8 +396,10 @@ class Config(_Frozen):
         return self.resolve(self.outbound.dir) if self.outbound.dir else self.mappings_dir()
 
     def overlays(self) -> dict[str, str]:
-        """``{listener: overlay}`` for listeners that name one."""
-        return {x.name: x.mappings for x in self.mllp.listeners if x.mappings}
+        """``{listener or FHIR source: overlay}`` for those that name one."""
+        out = {x.name: x.mappings for x in self.mllp.listeners if x.mappings}
+        out.update({x.name: x.mappings for x in self.fhir.sources if x.mappings})
+        return out
 
     def database_url(self) -> str:
         """The effective URL: env REFLOOP_DATABASE_URL wins, then [database] + password."""
