@@ -10,9 +10,11 @@ format                 message              for
 ``hl7v2.mdm_note``     MDM^T02 (T10, T08)   the consult note as a document
 =====================  ===================  ==============================================
 
-Packets: :mod:`engine.outbound.packets.hl7v2_packets`; write-back and its ORC-5
-crosswalk: :mod:`engine.outbound.packets.hl7v2_writeback`; escaping, copying from
-source messages and hl7apy validation: :mod:`engine.outbound.packets.hl7v2_common`.
+Packets: :mod:`engine.outbound.packets.hl7v2_packets` (what they take from the order
+message: :mod:`~engine.outbound.packets.hl7v2_order`); write-back and its ORC-5
+crosswalk: :mod:`engine.outbound.packets.hl7v2_writeback`; shared machinery:
+:mod:`engine.outbound.packets.hl7v2_common` (escaping and datatypes in ``hl7v2_er7``,
+copying from source messages in ``hl7v2_copy``, hl7apy validation in ``hl7v2_validate``).
 Every renderer validates its output with hl7apy (v2.5.1, STRICT) and raises
 :class:`~engine.outbound.model.RenderError` naming the field, never a value.
 """

@@ -86,6 +86,7 @@ from engine.outbound.packets.hl7v2_common import (
     ts,
     xcn,
 )
+from engine.outbound.packets.hl7v2_order import order_service
 
 E = Event
 S = State
@@ -139,7 +140,7 @@ def orm_status(ctx: PacketContext) -> Rendered:
     status = ORDER_STATUS.get(state)
     if status is None:
         raise RenderError(f"ORC-5: no order status to report for a referral that is {state}")
-    service = ce(data.coding("service")) or _order_service(ctx)
+    service = ce(data.coding("service")) or order_service(Source.load(ctx, "order"))
     if service is None:
         raise RenderError("OBR-4: the referral has no service (service)")
     reason = ctx.event.fields.get("status_reason")
@@ -271,17 +272,6 @@ def _trigger_document(ctx: PacketContext) -> Er7 | None:
         return None
     for txa in trigger.all("TXA"):
         return trigger.field(txa, 12)
-    return None
-
-
-def _order_service(ctx: PacketContext) -> Er7 | None:
-    order = Source.load(ctx, "order")
-    if order is None:
-        return None
-    for obr in order.all("OBR"):
-        found = order.field(obr, 4)
-        if found:
-            return found
     return None
 
 
