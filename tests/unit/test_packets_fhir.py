@@ -378,6 +378,63 @@ def test_the_loop_order_becomes_a_bundle() -> None:
     assert entries(bundle, "Coverage") == []  # no insurance known: no Coverage
 
 
+def with_insurance(**fields: Any) -> dict[str, dict[str, Any]]:
+    return {"referral": {**RICH["referral"], **fields}}
+
+
+def coverage_of(ctx: PacketContext) -> dict[str, Any]:
+    resource: dict[str, Any] = only(bundle_of(render_referral_bundle(ctx).payload), "Coverage")[
+        "resource"
+    ]
+    return resource
+
+
+def test_the_payer_id_is_the_coverage_payors_identifier() -> None:
+    payer_id = {"value": "FKP001", "namespace": "FAKENAIC", "type": "NIIP"}
+    coverage = coverage_of(make_ctx(with_insurance(**{"insurance.payer_id": payer_id})))
+    assert coverage["payor"] == [
+        {
+            "type": "Organization",
+            "identifier": {
+                "system": "urn:refloop:assigner:FAKENAIC",
+                "value": "FKP001",
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "NIIP"}
+                    ]
+                },
+            },
+            "display": "Acme Health Plan",
+        }
+    ]
+
+
+@pytest.mark.parametrize("payer", ["FKB003", None])
+def test_a_payer_id_alone_makes_a_coverage_and_is_not_its_own_name(payer: str | None) -> None:
+    # No IN1-4: the mappings put the company id in insurance.payer as well.
+    data = with_insurance(**{"insurance.payer": payer, "insurance.payer_id": {"value": "FKB003"}})
+    if payer is None:
+        del data["referral"]["insurance.payer"]
+    assert coverage_of(make_ctx(data))["payor"] == [
+        {"type": "Organization", "identifier": {"value": "FKB003"}}
+    ]
+
+
+def test_the_corpus_ref_i12_payer_reaches_coverage_with_its_oid() -> None:
+    # Mapping to bundle: IN1-3 Org-12345^^^&2.16.840.1.113883.1.1&ISO^NIIP
+    raw = (CORPUS / "REF_I12" / "fhirconverter__REF-I12-01.hl7").read_text()
+    normalised = MAPSET.normalise(raw, received_at=NOW)
+    created = next(ev for ev in normalised.events if ev.type is Event.REFERRAL_CREATED)
+    referral, _ = fold(None, RID, LoggedEvent(created.type, created.fields, NOW, NOW))
+    assert referral is not None
+    coverage = coverage_of(make_ctx(referral.data, sources={"order": raw}))
+    (payor,) = coverage["payor"]
+    assert payor["identifier"]["system"] == "urn:oid:2.16.840.1.113883.1.1"
+    assert payor["identifier"]["value"] == "Org-12345"
+    assert payor["identifier"]["type"]["coding"][0]["code"] == "NIIP"
+    assert payor["display"] == "Blue Cross Blue Shield of Texas"
+
+
 @pytest.mark.parametrize(
     ("namespace", "system"),
     [

@@ -456,6 +456,65 @@ def test_canonical_insurance_without_a_company_id_travels_as_a_note() -> None:
     assert msg.all("NTE[*]-3") == ["Insurance: payer Acme Health Plans; member ID M-42"]
 
 
+COVERED = with_referral(
+    insurance__payer="Fake Health Plan",
+    insurance__payer_id={"value": "FKP001", "namespace": "FAKENAIC", "type": "NIIP"},
+    insurance__plan="FAKEPPO01",
+    insurance__group="GRP-4455",
+    insurance__member_id={"value": "MEM123456"},
+)
+
+
+@pytest.mark.parametrize("fmt", ["hl7v2.ref_i12", "hl7v2.omg_o19"])
+def test_canonical_insurance_with_a_payer_id_builds_the_in1(fmt: str) -> None:
+    er7 = render(fmt, context(referral=COVERED))  # the order has no IN1
+    strict_parse(er7)
+    msg = Read(er7)
+    assert msg.names.count("IN1") == 1
+    assert (msg("IN1-1"), msg("IN1-2.1"), msg("IN1-2.2")) == ("1", "", "FAKEPPO01")
+    assert (msg("IN1-3.1"), msg("IN1-3.4"), msg("IN1-3.5")) == ("FKP001", "FAKENAIC", "NIIP")
+    assert (msg("IN1-4.1"), msg("IN1-8"), msg("IN1-36")) == (
+        "Fake Health Plan",
+        "GRP-4455",
+        "MEM123456",
+    )
+    assert msg("IN1-49") == ""  # IN1-49 is the institution's number for the insured
+    assert not any(t.startswith("Insurance:") for t in msg.all("NTE[*]-3"))
+
+
+def test_an_oid_payer_assigner_is_a_universal_id_in_in1_3() -> None:
+    oid = {"value": "Org-12345", "namespace": "2.16.840.1.113883.1.1", "type": "NIIP"}
+    er7 = render("hl7v2.ref_i12", context(referral={**COVERED, "insurance.payer_id": oid}))
+    strict_parse(er7)
+    assert "|Org-12345^^^&2.16.840.1.113883.1.1&ISO^NIIP|" in er7
+
+
+def test_a_payer_id_that_is_also_the_payer_is_not_a_company_name() -> None:
+    # No IN1-4 in the order message: the mappings put the company id in insurance.payer.
+    covered = {**COVERED, "insurance.payer": "FKP001"}
+    msg = Read(render("hl7v2.ref_i12", context(referral=covered)))
+    assert (msg("IN1-3.1"), msg("IN1-4")) == ("FKP001", "")
+
+
+def test_a_payer_id_without_a_plan_travels_as_a_note() -> None:
+    covered = {k: v for k, v in COVERED.items() if k != "insurance.plan"}
+    msg = Read(render("hl7v2.ref_i12", context(referral=covered)))
+    assert "IN1" not in msg.names  # IN1-2 is required
+    assert msg.all("NTE[*]-3") == [
+        "Insurance: payer Fake Health Plan; payer ID FKP001; group GRP-4455; member ID MEM123456"
+    ]
+
+
+def test_a_payer_id_for_another_company_replaces_the_orders_in1_3() -> None:
+    msg = Read(render("hl7v2.ref_i12", context(referral=COVERED, sources={"order": RICH_ORDER})))
+    assert msg.names.count("IN1") == 1
+    assert (msg("IN1-3.1"), msg("IN1-3.4"), msg("IN1-3.5")) == ("FKP001", "FAKENAIC", "NIIP")
+    assert (msg("IN1-2.1"), msg("IN1-8")) == ("GOLD", "GRP-4455")  # the order's code stays
+    same = {**COVERED, "insurance.payer_id": {"value": "PAYER1"}}
+    msg = Read(render("hl7v2.ref_i12", context(referral=same, sources={"order": RICH_ORDER})))
+    assert (msg("IN1-3.1"), msg("IN1-3.4")) == ("PAYER1", "PAYERS")  # the order's own CX
+
+
 def test_copied_segments_are_reencoded_from_foreign_delimiters() -> None:
     # '#' fields, '!' components, '$' subcomponents: '|' and '^' are plain text there.
     foreign = "\r".join(

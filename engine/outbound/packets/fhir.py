@@ -108,7 +108,9 @@ _CODE_SYSTEMS = {
     "UCUM": "http://unitsofmeasure.org",
 }
 #: Table 0203 codes used as Identifier.type; other type codes go in type.text.
-_ID_TYPES = frozenset({"MR", "PI", "PT", "MB", "MA", "MC", "SN", "NPI", "PLAC", "FILL", "RI"})
+_ID_TYPES = frozenset(
+    {"MR", "PI", "PT", "MB", "MA", "MC", "SN", "NPI", "PLAC", "FILL", "RI", "NIIP", "NII"}
+)
 _PRIORITIES = frozenset({"routine", "urgent", "asap", "stat"})
 _GENDERS = frozenset({"female", "male", "other", "unknown"})
 _BSER_DISPLAY = {
@@ -482,8 +484,15 @@ def _coverage(b: _Bundle, r: _Referral, patient: str) -> Json | None:
         or _text(r.fields.get("authorization.payer"))
         or _text(ctx.referral.get("authorization", "authorization.payer"))
     )
-    if payer is None:
+    payer_id = identifier(r.fields.get("insurance.payer_id"))
+    if payer is None and payer_id is None:
         return None  # Coverage.payor is 1..1: a plan or member id alone cannot be sent
+    if payer_id is None:
+        payor: Json = {"display": payer}
+    else:
+        # The mappings fall back to the company id for the payer's name: not a display.
+        name = payer if payer != payer_id["value"] else None
+        payor = _by_id("Organization", payer_id) | ({"display": name} if name else {})
     member = identifier(r.fields.get("insurance.member_id"), type_code="MB")
     match, ids = b.key("coverage", None)
     res: Json = {
@@ -491,7 +500,7 @@ def _coverage(b: _Bundle, r: _Referral, patient: str) -> Json | None:
         "identifier": [member, *ids] if member else ids,
         "status": "active",
         "beneficiary": _ref(patient),
-        "payor": [{"display": payer}],
+        "payor": [payor],
     }
     if member:
         res["subscriberId"] = member["value"]

@@ -9,6 +9,10 @@ v2.5.1, with the canonical values first or on top.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from engine.outbound.packets.hl7v2_common import (
     Data,
     Er7,
@@ -63,33 +67,95 @@ _IN1_FIELDS = (2, 3, 4, 8, 9, 12, 13, 15, 36, 49)
 
 
 def insurance(data: Data, order: Source | None) -> tuple[list[Seg], str | None]:
-    """IN1 segments, and the coverage as text when no IN1 can carry it (see the module
-    docstring): the order's IN1s, enriched with the canonical payer/plan/member id."""
-    payer = data.text("insurance.payer")
-    plan = data.text("insurance.plan")
-    member = data.ident("insurance.member_id")
+    """IN1 segments, and the coverage as text when no IN1 can carry it.
+
+    IN1-2 (plan) and IN1-3 (company id, CX) are required in v2.5.1. The order's own IN1s
+    are copied (those that have both), the first enriched with the canonical values; a
+    canonical payer id naming another company than the copied IN1-3 (the coverage changed
+    since the order) replaces it. Without a usable IN1 in the order, one is built from
+    the canonical fields when they hold a payer id and a plan; otherwise the coverage
+    travels as an NTE line rather than being dropped."""
+    c = _Coverage.read(data)
     copied: list[Seg] = []
+    first_company = ""
     if order is not None:
         for seg in order.all("IN1"):
             in1 = Seg("IN1").set(1, literal(str(len(copied) + 1)))
             for n in _IN1_FIELDS:
                 in1.set(n, order.field(seg, n))
             if in1.get(2) and in1.get(3):
+                first_company = first_company or order.value(seg, 3)
                 copied.append(in1)
-    if not (payer or plan or member):
+    if not c.known:
         return copied, None
     if copied:
-        first = copied[0]
-        if plan:
-            code = (first.get(2) or "").split("^")[0]
-            first.set(2, comps(Er7(code) if code else None, text(plan)))
-        first.set(4, text(payer) or first.get(4))
-        if member:
-            first.set(36, text(str(member["value"]))).set(49, cx(member))
+        c.enrich(copied[0], first_company)
         return copied, None
-    parts = [
-        f"payer {payer}" if payer else "",
-        f"plan {plan}" if plan else "",
-        f"member ID {member['value']}" if member else "",
-    ]
-    return [], "Insurance: " + "; ".join(p for p in parts if p)
+    if c.payer_id is not None and c.plan:
+        return [c.in1()], None
+    return [], c.note()
+
+
+@dataclass(frozen=True, slots=True)
+class _Coverage:
+    """The referral's canonical primary coverage (mappings/README.md "Insurance")."""
+
+    payer: str | None
+    payer_id: Mapping[str, Any] | None
+    plan: str | None
+    member: Mapping[str, Any] | None
+    group: str | None
+
+    @classmethod
+    def read(cls, data: Data) -> _Coverage:
+        return cls(
+            payer=data.text("insurance.payer"),
+            payer_id=data.ident("insurance.payer_id"),
+            plan=data.text("insurance.plan"),
+            member=data.ident("insurance.member_id"),
+            group=data.text("insurance.group"),
+        )
+
+    @property
+    def known(self) -> bool:
+        return any((self.payer, self.payer_id, self.plan, self.member, self.group))
+
+    @property
+    def payer_name(self) -> str | None:
+        # insurance.payer falls back to the company id when IN1-4 has no name: an id is
+        # not a name, so IN1-4 stays empty then.
+        if self.payer_id is not None and self.payer == self.payer_id["value"]:
+            return None
+        return self.payer
+
+    def enrich(self, in1: Seg, company: str) -> None:
+        if self.plan:
+            code = (in1.get(2) or "").split("^")[0]
+            in1.set(2, comps(Er7(code) if code else None, text(self.plan)))
+        if self.payer_id is not None and self.payer_id["value"] != company:
+            in1.set(3, cx(self.payer_id))
+        in1.set(4, text(self.payer_name) or in1.get(4))
+        in1.set(8, text(self.group) or in1.get(8))
+        if self.member:
+            in1.set(36, text(str(self.member["value"]))).set(49, cx(self.member))
+
+    def in1(self) -> Seg:
+        return (
+            Seg("IN1")
+            .set(1, literal("1"))
+            .set(2, comps(None, text(self.plan)))
+            .set(3, cx(self.payer_id))
+            .set(4, text(self.payer_name))
+            .set(8, text(self.group))
+            .set(36, text(str(self.member["value"])) if self.member else None)
+        )
+
+    def note(self) -> str:
+        parts = [
+            f"payer {self.payer_name}" if self.payer_name else "",
+            f"payer ID {self.payer_id['value']}" if self.payer_id else "",
+            f"plan {self.plan}" if self.plan else "",
+            f"group {self.group}" if self.group else "",
+            f"member ID {self.member['value']}" if self.member else "",
+        ]
+        return "Insurance: " + "; ".join(p for p in parts if p)

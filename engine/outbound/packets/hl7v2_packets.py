@@ -16,9 +16,10 @@ REF^I12 (STANDARDS §2.5)::
   there is no RF1-14 reason text, so the text also goes in an NTE.
 * The note and reason NTEs go under the OBR (notes about the order) when there is one,
   else at the end of the message.
-* IN1-3 (insurance company id, CX) is required in v2.5.1 and canonical data has only the
-  payer's name: an IN1 is built when the order message supplies IN1-3; otherwise the
-  coverage travels as an NTE line rather than being dropped.
+* IN1-2 (plan) and IN1-3 (insurance company id, CX) are required in v2.5.1: the order
+  message's IN1s are copied, else one IN1 is built from the canonical payer id (with its
+  assigner) and plan; without either the coverage travels as an NTE line rather than
+  being dropped (:func:`~engine.outbound.packets.hl7v2_order.insurance`).
 
 OMG^O19 (STANDARDS §3, the 360X referral request)::
 
