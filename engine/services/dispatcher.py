@@ -44,7 +44,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.pool import PoolProxiedConnection
 
 from channels.base import (
     Channel,
@@ -73,7 +72,7 @@ from engine.outbound.packets import Renderer
 from engine.outbound.retry import DeadLetter, Policy, after_failure, success_events
 from engine.protocol.hl7v2 import HeaderError, codec_for, decode
 from engine.services.pipeline import canonical_json
-from engine.store.eventlog import Changes, EventLog, EventRow
+from engine.store.eventlog import Changes, EventLog, EventRow, LogConnection
 from engine.store.outbox import Delivery
 
 log = get_logger("refloop.dispatcher")
@@ -113,42 +112,8 @@ class Outcome:
     retry_at: datetime | None = None
 
 
-class Directory:
-    """What the dispatcher asks of the outbound set (a protocol kept tiny on purpose)."""
-
-    def __init__(self, lookup: Callable[[str], Specialist | None]) -> None:
-        self.lookup = lookup
-
-
-class DispatchStore:
+class DispatchStore(LogConnection):
     """The dispatcher's database work, on one connection (one thread at a time)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._raw: PoolProxiedConnection | None = None
-        self._log: EventLog | None = None
-
-    @property
-    def eventlog(self) -> EventLog:
-        if self._log is None:
-            self._raw = self._engine.raw_connection()
-            self._log = EventLog(self._raw.driver_connection, self._engine.dialect.name)
-        return self._log
-
-    def drop(self) -> None:
-        if self._raw is not None:
-            with contextlib.suppress(Exception):
-                self._raw.invalidate()
-        self._raw = None
-        self._log = None
-
-    def close(self) -> None:
-        if self._raw is not None:
-            with contextlib.suppress(Exception):
-                self._raw.rollback()
-                self._raw.close()
-        self._raw = None
-        self._log = None
 
     def claim(self, now: datetime, worker: str, wanted: Mapping[str, int]) -> list[Delivery]:
         out: list[Delivery] = []
@@ -449,7 +414,7 @@ class Dispatcher:
                     await self._wake.wait()
 
     def _single_process(self) -> bool:
-        return self.store._engine.dialect.name == "sqlite"
+        return self.store.dialect == "sqlite"
 
     def _begin(self, d: Delivery) -> None:
         slot = self.slots.get(d.channel)

@@ -42,7 +42,6 @@ from itertools import groupby
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.pool import PoolProxiedConnection
 
 from engine.config import ListenerConfig, NormalizerConfig
 from engine.domain.correlation import Key
@@ -63,7 +62,14 @@ from engine.services.pipeline import (
     lookup_values,
     plan,
 )
-from engine.store.eventlog import Busy, Changes, EventLog, MessageUpdate, StoredMessage
+from engine.store.eventlog import (
+    Busy,
+    Changes,
+    EventLog,
+    LogConnection,
+    MessageUpdate,
+    StoredMessage,
+)
 
 log = get_logger("refloop.normaliser")
 
@@ -154,31 +160,18 @@ class Processor:
         self._sources = dict(sources)
         self._metrics = metrics
         self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
-        self._raw: PoolProxiedConnection | None = None
-        self._log: EventLog | None = None
+        self._conn = LogConnection(engine)
 
     @property
     def eventlog(self) -> EventLog:
-        if self._log is None:
-            self._raw = self._engine.raw_connection()
-            self._log = EventLog(self._raw.driver_connection, self._engine.dialect.name)
-        return self._log
+        return self._conn.eventlog
 
     def close(self) -> None:
-        if self._raw is not None:
-            with contextlib.suppress(Exception):
-                self._raw.rollback()
-                self._raw.close()
-        self._raw = None
-        self._log = None
+        self._conn.close()
 
     def drop(self) -> None:
         """Forget the connection after an error (the next use opens a fresh one)."""
-        if self._raw is not None:
-            with contextlib.suppress(Exception):
-                self._raw.invalidate()
-        self._raw = None
-        self._log = None
+        self._conn.drop()
 
     # -- the work ----------------------------------------------------------------------
 

@@ -21,15 +21,20 @@ on SQLite), so every statement text is fixed and the driver's statement cache wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.pool import PoolProxiedConnection
 
 from engine.domain.correlation import Key, KeyKind
 from engine.domain.projection import Referral
 from engine.domain.referral import TERMINAL, Event, State
+from engine.store.driver import DriverQueries
 from engine.store.outbox import NewDelivery, Outbox
 
 #: pg_advisory_xact_lock(class, key) held while a normaliser batch is written: the class
@@ -37,7 +42,6 @@ from engine.store.outbox import NewDelivery, Outbox
 #: turns while deployments in other schemas of the same database never wait on them.
 LOCK_CLASS = 0x72656631
 LOCK_ARGS = f"{LOCK_CLASS}, hashtext(current_schema())"
-_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DateTime storage format on SQLite
 
 REFERRAL_COLUMNS = (
     "id",
@@ -148,20 +152,14 @@ class Busy(Exception):
     """Another normaliser holds the turn (PostgreSQL only); try again later."""
 
 
-class EventLog:
+class EventLog(DriverQueries):
     """The normaliser's queries on one DBAPI connection (psycopg 3 or sqlite3)."""
 
     def __init__(self, dbapi_connection: Any, dialect: str) -> None:
-        self.conn = dbapi_connection
-        self.sqlite = dialect == "sqlite"
+        super().__init__(dbapi_connection, dialect)
         self.outbox = Outbox(dbapi_connection, dialect)
-        m = "?" if self.sqlite else "%s"
-        self._m = m
-
-        def among(column: str) -> str:
-            if self.sqlite:
-                return f"{column} IN (SELECT value FROM json_each(?))"
-            return f"{column} = ANY(%s)"
+        m = self.mark
+        among = self.among
 
         refcols = ", ".join(REFERRAL_COLUMNS)
         terminal = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
@@ -406,29 +404,6 @@ class EventLog:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _all(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
-        cur = self.conn.cursor()
-        try:
-            cur.execute(self.sql[name], params)
-            return list(cur.fetchall())
-        finally:
-            cur.close()
-
-    def _list(self, values: Iterable[Any]) -> Any:
-        items = list(values)
-        return json.dumps(items) if self.sqlite else items
-
-    def _stamp(self, value: datetime) -> Any:
-        if self.sqlite:
-            return value.astimezone(UTC).strftime(_SQLITE_TIME)
-        return value
-
-    def _time(self, value: Any) -> datetime:
-        if isinstance(value, str):
-            return datetime.strptime(value, _SQLITE_TIME).replace(tzinfo=UTC)
-        assert isinstance(value, datetime)
-        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
     def _message(self, row: tuple[Any, ...]) -> StoredMessage:
         mid, received_at, listener, charset, raw, status, mtype = row
         return StoredMessage(
@@ -495,3 +470,41 @@ class EventLog:
             u.rule_id or None,
             u.message_id,
         )
+
+
+class LogConnection:
+    """One raw connection and its :class:`EventLog`, opened on first use, for a worker
+    thread (the normaliser, the dispatcher): dropped after an error, so the next use
+    starts on a fresh connection."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._raw: PoolProxiedConnection | None = None
+        self._log: EventLog | None = None
+
+    @property
+    def dialect(self) -> str:
+        return str(self._engine.dialect.name)
+
+    @property
+    def eventlog(self) -> EventLog:
+        if self._log is None:
+            self._raw = self._engine.raw_connection()
+            self._log = EventLog(self._raw.driver_connection, self._engine.dialect.name)
+        return self._log
+
+    def drop(self) -> None:
+        """Forget the connection after an error (the next use opens a fresh one)."""
+        if self._raw is not None:
+            with contextlib.suppress(Exception):
+                self._raw.invalidate()
+        self._raw = None
+        self._log = None
+
+    def close(self) -> None:
+        if self._raw is not None:
+            with contextlib.suppress(Exception):
+                self._raw.rollback()
+                self._raw.close()
+        self._raw = None
+        self._log = None

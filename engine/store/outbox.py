@@ -29,41 +29,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from engine.store.driver import DriverQueries
 from engine.store.schema import DELIVERY_OPEN
 
-_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
-
-COLUMNS = (
-    "id",
-    "key",
-    "referral_id",
-    "event_id",
-    "route_id",
-    "kind",
-    "channel",
-    "format",
-    "endpoint",
-    "recipient_id",
-    "receiver_application",
-    "receiver_facility",
-    "status",
-    "attempts",
-    "created_at",
-    "updated_at",
-    "next_attempt_at",
-    "age_from",
-    "claimed_at",
-    "claimed_by",
-    "finished_at",
-    "payload",
-    "content_type",
-    "meta",
-    "last_error",
-    "receipt",
-)
 _INSERT_COLUMNS = (
     "key",
     "referral_id",
@@ -82,6 +53,18 @@ _INSERT_COLUMNS = (
     "updated_at",
     "next_attempt_at",
     "age_from",
+)
+COLUMNS = (
+    "id",
+    *_INSERT_COLUMNS,
+    "claimed_at",
+    "claimed_by",
+    "finished_at",
+    "payload",
+    "content_type",
+    "meta",
+    "last_error",
+    "receipt",
 )
 _OPEN = ", ".join(f"'{s}'" for s in DELIVERY_OPEN)
 
@@ -171,18 +154,13 @@ class SourceEvent:
     message_id: int | None
 
 
-class Outbox:
+class Outbox(DriverQueries):
     """Outbox queries on one DBAPI connection (psycopg 3 or sqlite3)."""
 
     def __init__(self, dbapi_connection: Any, dialect: str) -> None:
-        self.conn = dbapi_connection
-        self.sqlite = dialect == "sqlite"
-        m = "?" if self.sqlite else "%s"
-
-        def among(column: str) -> str:
-            if self.sqlite:
-                return f"{column} IN (SELECT value FROM json_each({m}))"
-            return f"{column} = ANY({m})"
+        super().__init__(dbapi_connection, dialect)
+        m = self.mark
+        among = self.among
 
         cols = ", ".join(COLUMNS)
         earlier_open = (
@@ -457,40 +435,6 @@ class Outbox:
         }
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _exec(self, name: str, *params: Any) -> int:
-        cur = self.conn.cursor()
-        try:
-            cur.execute(self.sql[name], params)
-            return int(cur.rowcount or 0)
-        finally:
-            cur.close()
-
-    def _all(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
-        cur = self.conn.cursor()
-        try:
-            cur.execute(self.sql[name], params)
-            return list(cur.fetchall())
-        finally:
-            cur.close()
-
-    def _list(self, values: Iterable[Any]) -> Any:
-        items = list(values)
-        return json.dumps(items) if self.sqlite else items
-
-    def _stamp(self, value: datetime) -> Any:
-        if self.sqlite:
-            return value.astimezone(UTC).strftime(_SQLITE_TIME)
-        return value
-
-    def _time(self, value: Any) -> datetime:
-        if isinstance(value, str):
-            return datetime.strptime(value, _SQLITE_TIME).replace(tzinfo=UTC)
-        assert isinstance(value, datetime)
-        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
-    def _maybe_time(self, value: Any) -> datetime | None:
-        return None if value is None else self._time(value)
 
     def _delivery(self, row: tuple[Any, ...]) -> Delivery:
         v = dict(zip(COLUMNS, row, strict=True))
