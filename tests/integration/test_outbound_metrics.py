@@ -1,5 +1,6 @@
 """The outbound side as ops see it: /metrics of a real daemon that sends the closed-loop
-example's referral packet to a real MLLP peer, and the shipped alert rules and dashboard.
+example's referral packet to a real MLLP peer; the shipped alert rules (promtool), the
+dashboard's queries, and the deploy configs' commented channel examples.
 
 The daemon runs the example's outbound set (deploy/examples/closed-loop: an ORM^O01 on
 listener "ehr" becomes a REF^I12 on channel "specialist"); both of the example's channels
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +28,10 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
 
+from channels.base import Secret
+from engine.config import parse_config
 from engine.edges.daemon import Daemon
 from engine.metrics import DELIVERY_OUTCOMES
 from tests.conftest import migrated, running
@@ -318,3 +323,81 @@ async def test_the_dashboard_and_alerts_name_only_exported_series(sqlite_upgrade
     referenced = set(re.findall(r"\brefloop_[a-z_]+", queries))
     assert {"refloop_deliveries_total", "refloop_outbox_dead"} <= referenced
     assert not sorted(referenced - exported)
+
+
+# -- the deploy configs' outbound examples ---------------------------------------------
+
+
+def _uncommented(toml: str) -> str:
+    """The config with its commented settings switched on: lines where "#" is directly
+    followed by a key or a [table] (prose comments have a space after the "#")."""
+    return "\n".join(
+        line[1:] if re.match(r"#[\[a-z]", line) else line for line in toml.splitlines()
+    )
+
+
+def _deploy_configs() -> dict[str, str]:
+    configmap = yaml.safe_load((REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text())
+    return {
+        "docker": (REPO / "deploy" / "docker" / "engine.toml").read_text(),
+        "kubernetes": str(configmap["data"]["engine.toml"]),
+    }
+
+
+@pytest.mark.parametrize("where", ["docker", "kubernetes"])
+def test_the_deploy_configs_commented_channels_validate(where: str) -> None:
+    text = _deploy_configs()[where]
+    assert "channels" not in tomllib.loads(text)  # shipped off: nothing is sent until edited
+    config = parse_config(tomllib.loads(_uncommented(text)), Path("/etc/refloop/engine.toml"))
+    kinds = {name: settings.type for name, settings in config.channels.items()}
+    assert kinds == {"specialist": "mllp", "specialist-email": "smtp", "ehr-fhir": "fhir"}
+    mllp, smtp, fhir = (config.channels[n] for n in ("specialist", "specialist-email", "ehr-fhir"))
+    assert mllp.tls is not None
+    assert mllp.tls.ca_file is not None
+    assert smtp.security == "starttls"
+    assert smtp.password.env == "REFLOOP_SMTP_PASSWORD"
+    assert fhir.auth == "smart"
+    assert fhir.smart.private_key.file is not None
+    assert fhir.smart.private_key.file.is_absolute()
+    assert (
+        config.outbound.lease_seconds
+        >= max(c.timeout_seconds for c in config.channels.values()) + 5
+    )
+
+
+def _secrets(model: BaseModel) -> list[Secret]:
+    """Every :class:`Secret` a channel's settings name, however deep."""
+    found: list[Secret] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Secret):
+            found.append(value)
+        elif isinstance(value, BaseModel):
+            found += _secrets(value)
+    return found
+
+
+# Where operators find the names of the secrets each deployment's examples need.
+SECRET_LISTS = {
+    "docker": (".env.example", {"REFLOOP_SMTP_PASSWORD": "REFLOOP_SMTP_PASSWORD="}),
+    "kubernetes": ("kubernetes/secret.example.yaml", {"REFLOOP_SMTP_PASSWORD": "smtp-password"}),
+}
+
+
+@pytest.mark.parametrize("where", ["docker", "kubernetes"])
+def test_the_secrets_the_examples_name_are_listed_for_operators(where: str) -> None:
+    config = parse_config(
+        tomllib.loads(_uncommented(_deploy_configs()[where])), Path("/etc/refloop/engine.toml")
+    )
+    secrets = [x for settings in config.channels.values() for x in _secrets(settings)]
+    envs = {x.env for x in secrets if x.env}
+    files = {x.file.name for x in secrets if x.file}
+    listing, names = SECRET_LISTS[where]
+    text = (REPO / "deploy" / listing).read_text()
+    assert envs == set(names)
+    for env in envs:
+        assert names[env] in text, env
+    assert files
+    for file in files:
+        # The key file's name (compose secret / Secret key) is named for the operator.
+        assert file in text, file
