@@ -48,6 +48,32 @@ OUTBOX_DEAD = "refloop_outbox_dead"
 
 #: Delivery attempt outcomes (the ``outcome`` label of refloop_deliveries_total).
 DELIVERY_OUTCOMES = ("delivered", "sent", "retry", "dead")
+FHIR_REQUESTS = "refloop_fhir_requests"
+#: FHIR REST request outcomes (writes, and the read facade's read / not_found).
+FHIR_OUTCOMES = (
+    "accepted",
+    "duplicate",
+    "invalid",
+    "unauthorized",
+    "forbidden",
+    "unsupported",
+    "too_large",
+    "conflict",
+    "unavailable",
+    "read",
+    "not_found",
+)
+#: The ``resource`` label: the types with endpoints, Bundle, and ``other``.
+FHIR_RESOURCE_LABELS = (
+    "ServiceRequest",
+    "Task",
+    "Appointment",
+    "DocumentReference",
+    "DiagnosticReport",
+    "Communication",
+    "Bundle",
+    "other",
+)
 
 #: What the normaliser owns; when it runs in its own process, these come from there.
 REFERRAL_CORE_FAMILIES = frozenset(
@@ -194,6 +220,14 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        # FHIR inbound: source names come from the config (``unknown`` when no credential
+        # matched), resources and outcomes from the tuples above.
+        self.fhir_requests = Counter(
+            FHIR_REQUESTS,
+            "FHIR REST requests by source, resource type and outcome",
+            ["source", "resource", "outcome"],
+            registry=r,
+        )
 
     def declare_listener(self, listener: str, *, tls: bool = False) -> None:
         """Create a listener's series at zero so dashboards and alerts see them at once."""
@@ -221,6 +255,14 @@ class Metrics:
         self.delivery_seconds.labels(channel)
         self.outbox_pending.labels(channel).set(0)
         self.outbox_dead.labels(channel).set(0)
+
+    def declare_fhir_source(self, source: str) -> None:
+        """Create a FHIR source's request series at zero (``unknown`` too: the
+        unauthenticated requests)."""
+        for resource in FHIR_RESOURCE_LABELS:
+            for outcome in FHIR_OUTCOMES:
+                self.fhir_requests.labels(source, resource, outcome)
+            self.fhir_requests.labels("unknown", resource, "unauthorized")
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
