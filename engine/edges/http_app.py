@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from engine.metrics import Metrics
 
@@ -21,6 +21,7 @@ def build_app(
     database_ok: Callable[[], bool],
     listeners_ok: Callable[[], Sequence[tuple[str, bool]]],
     exposition: Callable[[], bytes] | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     page = exposition or metrics.exposition
 
@@ -46,5 +47,7 @@ def build_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
+            # The FHIR endpoints (engine.edges.fhir_api.fhir_routes), when configured.
+            *extra_routes,
         ]
     )
