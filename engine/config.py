@@ -381,10 +381,10 @@ class Config(_Frozen):
         # that is still on the wire: it would go out twice.
         for name, settings in self.channels.items():
             limit = self.outbound.lease_seconds - OUTBOUND_LEASE_MARGIN
-            if settings.timeout_seconds > limit:
+            if settings.timeout_seconds >= limit:
                 raise ValueError(
                     f"channels.{name}.timeout_seconds ({settings.timeout_seconds:g}) must be "
-                    f"below [outbound] lease_seconds ({self.outbound.lease_seconds:g}) minus "
+                    f"less than [outbound] lease_seconds ({self.outbound.lease_seconds:g}) minus "
                     f"{OUTBOUND_LEASE_MARGIN:g}"
                 )
         return self
