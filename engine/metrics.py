@@ -74,6 +74,8 @@ FHIR_RESOURCE_LABELS = (
     "Bundle",
     "other",
 )
+FHIR_SUBSCRIPTION_LAST_EVENT = "refloop_fhir_subscription_last_event_seconds"
+FHIR_RECONCILIATIONS = "refloop_fhir_reconciliations"
 
 #: What the normaliser owns; when it runs in its own process, these come from there.
 REFERRAL_CORE_FAMILIES = frozenset(
@@ -226,6 +228,21 @@ class Metrics:
             FHIR_REQUESTS,
             "FHIR REST requests by source, resource type and outcome",
             ["source", "resource", "outcome"],
+            registry=r,
+        )
+        # FHIR subscriptions (engine/services/subscriptions.py): source names from the config,
+        # outcomes ok | invalid (some resources refused) | error (the search failed, retried).
+        self.fhir_subscription_last_event = Gauge(
+            FHIR_SUBSCRIPTION_LAST_EVENT,
+            "Seconds since the quietest subscription of a FHIR source was heard from "
+            "(an event, a heartbeat or a handshake)",
+            ["source"],
+            registry=r,
+        )
+        self.fhir_reconciliations = Counter(
+            FHIR_RECONCILIATIONS,
+            "Reconciliation searches against a FHIR source's server, by outcome",
+            ["source", "outcome"],
             registry=r,
         )
 
