@@ -38,6 +38,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
+from channels._common import config_path
 from channels.base import (
     FHIR_JSON,
     HL7V2,
@@ -140,8 +141,7 @@ class FileChannel:
     def __init__(self, name: str, settings: FileSettings, context: ChannelContext) -> None:
         self.name = name
         self.settings = settings
-        directory = settings.directory
-        self.directory = directory if directory.is_absolute() else context.base_dir / directory
+        self.directory = config_path(settings.directory, context.base_dir)
 
     def file_name(self, envelope: Envelope) -> str:
         """The final file name for an envelope; PermanentError when it is not safe."""

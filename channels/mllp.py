@@ -55,6 +55,7 @@ from typing import ClassVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from channels._common import config_path
 from channels.base import (
     HL7V2,
     ChannelConfigError,
@@ -523,27 +524,25 @@ def _control_id(envelope: Envelope) -> str:
 
 def _tls_context(tls: MllpTls, base: Path) -> ssl.SSLContext:
     """The client context, built once; unreadable files are a config error at start."""
-
-    def path(p: Path) -> Path:
-        return p if p.is_absolute() else base / p
-
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     problems = []
     if tls.ca_file is not None:
+        ca_file = config_path(tls.ca_file, base)
         try:
-            ctx.load_verify_locations(cafile=str(path(tls.ca_file)))
+            ctx.load_verify_locations(cafile=str(ca_file))
         except (OSError, ssl.SSLError) as exc:
-            problems.append(f"tls.ca_file: cannot load {path(tls.ca_file)}: {_why(exc)}")
+            problems.append(f"tls.ca_file: cannot load {ca_file}: {_why(exc)}")
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if tls.cert_file is not None:
-        key = str(path(tls.key_file)) if tls.key_file is not None else None
+        cert_file = config_path(tls.cert_file, base)
+        key = str(config_path(tls.key_file, base)) if tls.key_file is not None else None
         try:
-            ctx.load_cert_chain(str(path(tls.cert_file)), key)
+            ctx.load_cert_chain(str(cert_file), key)
         except (OSError, ssl.SSLError) as exc:
-            problems.append(f"tls.cert_file: cannot load {path(tls.cert_file)}: {_why(exc)}")
+            problems.append(f"tls.cert_file: cannot load {cert_file}: {_why(exc)}")
     if problems:
         raise ChannelConfigError(problems)
     return ctx

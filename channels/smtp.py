@@ -55,6 +55,7 @@ from typing import Any, ClassVar, Literal
 import aiosmtplib
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from channels._common import CaFileError, ca_context
 from channels.base import (
     FHIR_JSON,
     HL7V2,
@@ -332,15 +333,12 @@ class SmtpChannel:
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
             s = self.settings
-            cafile = None
-            if s.ca_file is not None:
-                cafile = s.ca_file if s.ca_file.is_absolute() else self.context.base_dir / s.ca_file
             try:
-                ctx = ssl.create_default_context(cafile=cafile)
-            except (OSError, ssl.SSLError) as exc:
+                ctx = ca_context(s.ca_file, self.context.base_dir)
+            except CaFileError as exc:
                 # Not cached: the next attempt reads the file again once it is fixed.
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not PEM"
-                raise PermanentError(f"ca_file: cannot load {cafile} ({why})") from None
+                why = exc.cause.strerror or "not PEM"
+                raise PermanentError(f"ca_file: cannot load {exc.path} ({why})") from None
             if not s.verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
