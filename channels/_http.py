@@ -17,9 +17,12 @@ numeric ``code``, an OAuth-style ``"error": "invalid_token"``) when it is a shor
 A peer's free text (``message``, ``detail``) may echo the payload, so it is never quoted.
 
 :class:`HttpClient` is the thin shell: one lazily created ``httpx.AsyncClient`` per
-channel (TLS verified, optionally against ``ca_file``; no redirects; every request
-bounded by ``timeout_seconds`` as a whole, not only per socket operation), whose
-:meth:`HttpClient.request` returns a 2xx response or raises the classified error.
+channel, made by :func:`async_client` (TLS verified, optionally against ``ca_file``;
+redirects never followed). :meth:`HttpClient.request` bounds each request by
+``timeout_seconds`` as a whole, not only per socket operation, and returns a 2xx response
+or raises the classified error. :class:`HttpChannel` is what the channels built on it
+share (construction and ``aclose``). The fhir channel reads non-2xx answers itself, so it
+keeps its own client, made by the same :func:`async_client` and :func:`httpx_verify`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ from collections.abc import Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 from pydantic import ValidationInfo, field_validator
 
+from channels._common import CaFileError, ca_context
 from channels.base import (
     ChannelContext,
     ChannelError,
@@ -236,6 +240,23 @@ def _os_cause(exc: BaseException) -> str | None:
     return None
 
 
+def httpx_verify(ca_file: Path | None, base: Path) -> ssl.SSLContext | bool:
+    """httpx's ``verify``: its own default trust without ``ca_file``, else only the CAs in
+    ``ca_file`` (relative to ``base``). Raises :class:`~channels._common.CaFileError`."""
+    return True if ca_file is None else ca_context(ca_file, base)
+
+
+def async_client(timeout_seconds: float, verify: ssl.SSLContext | bool) -> httpx.AsyncClient:
+    """An httpx client as every HTTP channel uses one: redirects never followed (a payload
+    with PHI only goes to the URL an operator configured), refloop's User-Agent."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_seconds),
+        verify=verify,
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
 class HttpClient:
     """One channel's HTTP connection pool, created on first use, closed by :meth:`aclose`."""
 
@@ -246,24 +267,16 @@ class HttpClient:
 
     def _get(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.settings.timeout_seconds),
-                verify=self._verify(),
-                follow_redirects=False,
-                headers={"User-Agent": USER_AGENT},
-            )
+            self._client = async_client(self.settings.timeout_seconds, self._verify())
         return self._client
 
     def _verify(self) -> ssl.SSLContext | bool:
-        ca_file = self.settings.ca_file
-        if ca_file is None:
-            return True
-        path = ca_file if ca_file.is_absolute() else self.context.base_dir / ca_file
         try:
-            return ssl.create_default_context(cafile=str(path))
-        except (OSError, ssl.SSLError) as exc:
+            return httpx_verify(self.settings.ca_file, self.context.base_dir)
+        except CaFileError as exc:
             # An operator must fix the file; no attempt can succeed until then.
-            raise PermanentError(f"ca_file {path} unusable: {type(exc).__name__}") from None
+            kind = type(exc.cause).__name__
+            raise PermanentError(f"ca_file {exc.path} unusable: {kind}") from None
 
     def check_url(self, url: str) -> None:
         problem = url_problem(url, allow_plain_http=self.settings.allow_plain_http)
@@ -298,6 +311,23 @@ class HttpClient:
             await client.aclose()
 
 
+_S = TypeVar("_S", bound=HttpSettings)
+
+
+class HttpChannel(Generic[_S]):
+    """A channel that sends through one :class:`HttpClient`; subclasses set ``Settings``
+    (the plugin's model) and write ``send``."""
+
+    def __init__(self, name: str, settings: _S, context: ChannelContext) -> None:
+        self.name = name
+        self.settings = settings
+        self.context = context
+        self.http = HttpClient(settings, context)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
 def json_object(response: httpx.Response) -> Mapping[str, Any] | None:
     """The response body as a JSON object, or None when it is not one."""
     if not response.content:
@@ -328,14 +358,17 @@ def media_type(content_type: str) -> str:
 __all__ = [
     "RETRYABLE_4XX",
     "USER_AGENT",
+    "HttpChannel",
     "HttpClient",
     "HttpSettings",
     "TokenAuthSettings",
+    "async_client",
     "auth_headers",
     "checked_url",
     "classify_exception",
     "classify_response",
     "error_code",
+    "httpx_verify",
     "json_object",
     "media_type",
     "parse_retry_after",

@@ -46,7 +46,7 @@ from urllib.parse import quote
 from pydantic import Field, ValidationInfo, field_validator
 
 from channels._http import (
-    HttpClient,
+    HttpChannel,
     TokenAuthSettings,
     auth_headers,
     checked_url,
@@ -56,7 +56,6 @@ from channels._http import (
 )
 from channels.base import (
     PDF,
-    ChannelContext,
     ChannelError,
     ChannelSettings,
     Envelope,
@@ -194,14 +193,8 @@ def filename(metadata: Mapping[str, str]) -> str:
     return name[:100] or DEFAULT_FILENAME
 
 
-class FaxChannel:
+class FaxChannel(HttpChannel[FaxSettings]):
     Settings: ClassVar[type[ChannelSettings]] = FaxSettings
-
-    def __init__(self, name: str, settings: Any, context: ChannelContext) -> None:
-        self.name = name
-        self.settings: FaxSettings = settings
-        self.context = context
-        self.http = HttpClient(settings, context)
 
     async def send(self, envelope: Envelope) -> Receipt:
         if media_type(envelope.content_type) != PDF:
@@ -270,6 +263,3 @@ class FaxChannel:
                 detail = f"{QUEUED}; status poll {exc.reason}"
                 return Receipt(peer_reference=fax_id, detail=detail, confirmed=False)
             body = json_object(response)
-
-    async def aclose(self) -> None:
-        await self.http.aclose()

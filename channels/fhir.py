@@ -55,12 +55,14 @@ from typing import Any, ClassVar, Literal
 import httpx
 from pydantic import Field, ValidationInfo, field_validator
 
+from channels._common import CaFileError
 from channels._http import (
     RETRYABLE_4XX,
-    USER_AGENT,
     HttpSettings,
+    async_client,
     checked_url,
     classify_exception,
+    httpx_verify,
     media_type,
     parse_retry_after,
     url_problem,
@@ -96,6 +98,11 @@ _ISSUE_CODE = re.compile(r"[a-z][a-z\-]{0,39}")
 # "=", so a FHIRPath filter that could carry a value (where(name='...')) is never shown.
 _PATH = re.compile(r"[A-Za-z0-9_.:/\[\]\-]{1,120}")
 _AUTH_ERROR = re.compile(r'error="([a-z_]{1,40})"')
+# The settings key each auth mode needs, with how to write it.
+_AUTH_KEYS = {
+    "token": ("bearer", 'token = {env = "..."}'),
+    "smart": ("smart", "[channels.<name>.smart] table"),
+}
 
 
 class FhirSettings(HttpSettings):
@@ -121,24 +128,18 @@ class FhirSettings(HttpSettings):
             raise ValueError("ca_file is set but verify = false ignores it")
         return value
 
-    @field_validator("token")
+    @field_validator("token", "smart")
     @classmethod
-    def _token(cls, value: Secret | None, info: ValidationInfo) -> Secret | None:
+    def _set_for_its_auth(
+        cls, value: Secret | SmartSettings | None, info: ValidationInfo
+    ) -> Secret | SmartSettings | None:
+        # Each of these keys is required by exactly one auth mode and refused by the others.
+        mode, example = _AUTH_KEYS[str(info.field_name)]
         auth = info.data.get("auth")
-        if auth == "bearer" and value is None:
-            raise ValueError('required when auth = "bearer" (token = {env = "..."})')
-        if auth != "bearer" and value is not None:
-            raise ValueError('only used with auth = "bearer"')
-        return value
-
-    @field_validator("smart")
-    @classmethod
-    def _smart(cls, value: SmartSettings | None, info: ValidationInfo) -> SmartSettings | None:
-        auth = info.data.get("auth")
-        if auth == "smart" and value is None:
-            raise ValueError('required when auth = "smart" ([channels.<name>.smart] table)')
-        if auth != "smart" and value is not None:
-            raise ValueError('only used with auth = "smart"')
+        if auth == mode and value is None:
+            raise ValueError(f'required when auth = "{mode}" ({example})')
+        if auth != mode and value is not None:
+            raise ValueError(f'only used with auth = "{mode}"')
         return value
 
 
@@ -430,12 +431,7 @@ class FhirChannel:
         self.name = name
         self.settings = settings
         self._context = context
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.timeout_seconds),
-            verify=self._tls(),
-            follow_redirects=False,
-            headers={"User-Agent": USER_AGENT},
-        )
+        self._http = async_client(settings.timeout_seconds, self._tls())
         self._smart = (
             SmartTokenClient(settings.smart, self._http, context)
             if settings.auth == "smart" and settings.smart is not None
@@ -445,14 +441,11 @@ class FhirChannel:
     def _tls(self) -> ssl.SSLContext | bool:
         if not self.settings.verify:
             return False
-        ca_file = self.settings.ca_file
-        if ca_file is None:
-            return True
-        path = ca_file if ca_file.is_absolute() else self._context.base_dir / ca_file
         try:
-            return ssl.create_default_context(cafile=str(path))
-        except (OSError, ssl.SSLError) as exc:
-            raise ChannelConfigError([f"ca_file: {path} unusable ({type(exc).__name__})"]) from None
+            return httpx_verify(self.settings.ca_file, self._context.base_dir)
+        except CaFileError as exc:
+            kind = type(exc.cause).__name__
+            raise ChannelConfigError([f"ca_file: {exc.path} unusable ({kind})"]) from None
 
     def _base(self, envelope: Envelope) -> str:
         if not envelope.endpoint:

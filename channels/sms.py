@@ -23,14 +23,14 @@ gateways bill (and phones show) every segment. Twilio errors carry a numeric ``c
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import quote
 
 import httpx
 from pydantic import Field, ValidationInfo, field_validator
 
 from channels._http import (
-    HttpClient,
+    HttpChannel,
     HttpSettings,
     checked_url,
     json_object,
@@ -104,14 +104,11 @@ def sms_body(envelope: Envelope, max_segments: int) -> str:
     return text
 
 
-class SmsChannel:
+class SmsChannel(HttpChannel[SmsSettings]):
     Settings: ClassVar[type[ChannelSettings]] = SmsSettings
 
-    def __init__(self, name: str, settings: Any, context: ChannelContext) -> None:
-        self.name = name
-        self.settings: SmsSettings = settings
-        self.context = context
-        self.http = HttpClient(settings, context)
+    def __init__(self, name: str, settings: SmsSettings, context: ChannelContext) -> None:
+        super().__init__(name, settings, context)
         sid = quote(settings.account_sid, safe="")
         self.url = f"{settings.base_url.rstrip('/')}/2010-04-01/Accounts/{sid}/Messages.json"
 
@@ -142,6 +139,3 @@ class SmsChannel:
         detail += f" {status}" if status else ""
         detail += "" if sid else ", no sid"
         return Receipt(peer_reference=sid, detail=detail, confirmed=status in _CONFIRMED_STATUSES)
-
-    async def aclose(self) -> None:
-        await self.http.aclose()

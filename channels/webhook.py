@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import ValidationInfo, field_validator
 
 from channels._http import (
-    HttpClient,
+    HttpChannel,
     TokenAuthSettings,
     auth_headers,
     checked_url,
@@ -38,7 +38,6 @@ from channels._http import (
     short_token,
 )
 from channels.base import (
-    ChannelContext,
     ChannelSettings,
     Envelope,
     PermanentError,
@@ -102,14 +101,8 @@ def _is_url(endpoint: str) -> bool:
     return endpoint.lower().startswith(("https://", "http://"))
 
 
-class WebhookChannel:
+class WebhookChannel(HttpChannel[WebhookSettings]):
     Settings: ClassVar[type[ChannelSettings]] = WebhookSettings
-
-    def __init__(self, name: str, settings: Any, context: ChannelContext) -> None:
-        self.name = name
-        self.settings: WebhookSettings = settings
-        self.context = context
-        self.http = HttpClient(settings, context)
 
     def _url(self, envelope: Envelope) -> str:
         if _is_url(envelope.endpoint):
@@ -137,6 +130,3 @@ class WebhookChannel:
             body = json_object(response)
             reference = short_token(body.get("id")) if body else ""
         return Receipt(peer_reference=reference, detail=f"HTTP {response.status_code}")
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
