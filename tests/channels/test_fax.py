@@ -1,22 +1,20 @@
 """The fax channel against a real HTTP server playing a fax-gateway API
-(pytest-httpserver: Werkzeug on a real loopback socket): the multipart upload, the status
-polling to a receipt, and the pure status helpers a callback endpoint will use."""
+(:mod:`tests.channels.http_peer`: Werkzeug on a real loopback socket): the multipart
+upload, the status polling to a receipt, and the pure status helpers a callback endpoint
+will use."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fpdf import FPDF
-from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
+from werkzeug import Response
 
 from channels import registry
 from channels.base import (
@@ -31,7 +29,16 @@ from channels.base import (
 )
 from channels.fax import FaxChannel, FaxSettings, filename, outcome, parse_status_callback
 from tests.channels.contract import SECRET_MARKER, ChannelContract, Received, envelope
-from tests.helpers import free_port, wait_for
+from tests.channels.http_peer import (
+    Answer,
+    Part,
+    Peer,
+    built_channels,
+    http_server_fixture,  # noqa: F401 (a fixture)
+    peer_fixture,  # noqa: F401 (a fixture)
+    stalled,
+)
+from tests.helpers import free_port
 
 NOW = 1_760_000_000.0
 TO = "+15550100123"
@@ -39,8 +46,6 @@ SUBMIT = "/v1/faxes"
 FAX_ID = "fx-20251009-0001"
 STATUS = f"/v1/faxes/{FAX_ID}"
 API_TOKEN = "fax-api-token-test"
-
-Answer = Response | Callable[[Request], Response]
 
 
 def referral_pdf(text: str = "Referral to cardiology") -> bytes:
@@ -56,77 +61,15 @@ def referral_pdf(text: str = "Referral to cardiology") -> bytes:
 PDF_PAYLOAD = referral_pdf()
 
 
-@dataclass
-class Part:
-    filename: str | None
-    content_type: str | None
-    data: bytes
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    form: dict[str, str]
-    files: dict[str, Part]
-
-
-@dataclass
-class Peer:
-    """A real HTTP server that records every request and answers from a script per path
-    (the last answer repeats)."""
-
-    server: HTTPServer
-    seen: list[Seen] = field(default_factory=list)
-
-    def url(self, path: str = SUBMIT) -> str:
-        return str(self.server.url_for(path))
-
-    def of(self, method: str) -> list[Seen]:
-        return [s for s in self.seen if s.method == method]
-
-    def answer(self, *answers: Answer, path: str = SUBMIT, method: str = "POST") -> None:
-        script = list(answers)
-
-        def handle(request: Request) -> Response:
-            files = {
-                name: Part(f.filename, f.content_type, f.read())
-                for name, f in request.files.items()
-            }
-            self.seen.append(
-                Seen(
-                    request.method,
-                    request.path,
-                    dict(request.headers),
-                    request.form.to_dict(),
-                    files,
-                )
-            )
-            item = script.pop(0) if len(script) > 1 else script[0]
-            return item(request) if callable(item) and not isinstance(item, Response) else item
-
-        self.server.expect_request(path, method=method).respond_with_handler(handle)
-
-    def status(self, *bodies: dict[str, Any] | Answer) -> None:
-        answers = [gateway(200, **b) if isinstance(b, dict) else b for b in bodies]
-        self.answer(*answers, path=STATUS, method="GET")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[HTTPServer]:
-    srv = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    srv.start()
-    yield srv
-    srv.clear()
-    srv.stop()
-
-
 @pytest.fixture
-def peer(server: HTTPServer) -> Iterator[Peer]:
-    server.clear()
-    yield Peer(server)
-    server.check_handler_errors()
+def peer_path() -> str:
+    return SUBMIT
+
+
+def answer_polls(peer: Peer, *bodies: dict[str, Any] | Answer) -> None:
+    """Script the status URL's answers: a dict is a 200 status body."""
+    answers = [gateway(200, **b) if isinstance(b, dict) else b for b in bodies]
+    peer.answer(*answers, path=STATUS, method="GET")
 
 
 Build = Callable[..., FaxChannel]
@@ -135,19 +78,20 @@ Build = Callable[..., FaxChannel]
 @pytest.fixture
 async def build(tmp_path: Path) -> AsyncIterator[Build]:
     (tmp_path / "fax.token").write_text(API_TOKEN + "\n")
-    made: list[FaxChannel] = []
+    table = {"type": "fax", "token": {"file": "fax.token"}, "poll_seconds": 0.01}
+    context = ChannelContext(base_dir=tmp_path, clock=lambda: NOW)
+    async with built_channels(FaxChannel, "fax", table, context) as make:
+        yield make
+
+
+@pytest.fixture
+def polling(peer: Peer, build: Build) -> Build:
+    """``build`` for a channel that polls the peer's status URL."""
 
     def make(**raw: Any) -> FaxChannel:
-        table = {"type": "fax", "token": {"file": "fax.token"}, "poll_seconds": 0.01, **raw}
-        context = ChannelContext(base_dir=tmp_path, clock=lambda: NOW)
-        channel = registry.build("fax", table, context)
-        assert isinstance(channel, FaxChannel)
-        made.append(channel)
-        return channel
+        return build(url=peer.url(), status_url=peer.url("/v1/faxes/{id}"), **raw)
 
-    yield make
-    for channel in made:
-        await channel.aclose()
+    return make
 
 
 def gateway(http_status: int = 202, **body: Any) -> Response:
@@ -171,11 +115,7 @@ class TestFaxContract(ChannelContract):
 
     @pytest.fixture
     def contract_received(self, peer: Peer) -> Received:
-        async def received(n: int) -> list[bytes]:
-            await wait_for(lambda: len(peer.seen) >= n, timeout=5)
-            return [s.files["file"].data for s in peer.seen]
-
-        return received
+        return peer.received(lambda seen: seen.files["file"].data)
 
     @pytest.fixture
     def contract_down_channel(self, build: Build) -> FaxChannel:
@@ -266,10 +206,14 @@ async def test_no_number_at_all_is_permanent(peer: Peer, build: Build) -> None:
 # --- polling to a receipt ------------------------------------------------------------
 
 
-async def test_polling_until_delivered_gives_a_confirmed_receipt(peer: Peer, build: Build) -> None:
+async def test_polling_until_delivered_gives_a_confirmed_receipt(
+    peer: Peer, polling: Build
+) -> None:
     peer.answer(gateway())
-    peer.status({"status": "sending"}, {"status": "sending"}, {"id": FAX_ID, "status": "delivered"})
-    channel = build(url=peer.url(), status_url=peer.url("/v1/faxes/{id}"))
+    answer_polls(
+        peer, {"status": "sending"}, {"status": "sending"}, {"id": FAX_ID, "status": "delivered"}
+    )
+    channel = polling()
     receipt = await channel.send(fax())
     assert receipt == Receipt(peer_reference=FAX_ID, detail="fax delivered", confirmed=True)
     polls = peer.of("GET")
@@ -279,21 +223,19 @@ async def test_polling_until_delivered_gives_a_confirmed_receipt(peer: Peer, bui
 
 @pytest.mark.parametrize("status", ["success", "COMPLETED", "Delivered"])
 async def test_every_delivered_status_in_any_case_confirms(
-    peer: Peer, build: Build, status: str
+    peer: Peer, polling: Build, status: str
 ) -> None:
     peer.answer(gateway())
-    peer.status({"status": status})
-    receipt = await build(url=peer.url(), status_url=peer.url("/v1/faxes/{id}")).send(fax())
+    answer_polls(peer, {"status": status})
+    receipt = await polling().send(fax())
     assert receipt.confirmed
     assert receipt.peer_reference == FAX_ID
 
 
-async def test_a_failed_fax_is_retryable_and_names_the_code(peer: Peer, build: Build) -> None:
+async def test_a_failed_fax_is_retryable_and_names_the_code(peer: Peer, polling: Build) -> None:
     peer.answer(gateway())
-    peer.status({"status": "sending"}, {"status": "failed", "error_code": "busy"})
-    channel = build(
-        url=peer.url(),
-        status_url=peer.url("/v1/faxes/{id}"),
+    answer_polls(peer, {"status": "sending"}, {"status": "failed", "error_code": "busy"})
+    channel = polling(
         permanent_failure_codes=["invalid_number"],
     )
     with pytest.raises(RetryableError) as caught:
@@ -301,12 +243,10 @@ async def test_a_failed_fax_is_retryable_and_names_the_code(peer: Peer, build: B
     assert caught.value.reason == "fax failed at the gateway, code busy"
 
 
-async def test_a_permanent_failure_code_is_permanent(peer: Peer, build: Build) -> None:
+async def test_a_permanent_failure_code_is_permanent(peer: Peer, polling: Build) -> None:
     peer.answer(gateway())
-    peer.status({"status": "error", "error_code": "INVALID_NUMBER", "detail": SECRET_MARKER})
-    channel = build(
-        url=peer.url(),
-        status_url=peer.url("/v1/faxes/{id}"),
+    answer_polls(peer, {"status": "error", "error_code": "INVALID_NUMBER", "detail": SECRET_MARKER})
+    channel = polling(
         permanent_failure_codes=["invalid_number", "not_a_fax_line"],
     )
     with pytest.raises(PermanentError) as caught:
@@ -315,12 +255,10 @@ async def test_a_permanent_failure_code_is_permanent(peer: Peer, build: Build) -
     assert SECRET_MARKER not in str(caught.value)
 
 
-async def test_the_failure_code_field_is_configurable(peer: Peer, build: Build) -> None:
+async def test_the_failure_code_field_is_configurable(peer: Peer, polling: Build) -> None:
     peer.answer(gateway())
-    peer.status({"status": "failed", "reason_code": "1402"})
-    channel = build(
-        url=peer.url(),
-        status_url=peer.url("/v1/faxes/{id}"),
+    answer_polls(peer, {"status": "failed", "reason_code": "1402"})
+    channel = polling(
         failure_code_field="reason_code",
         permanent_failure_codes=["1402"],
     )
@@ -329,13 +267,11 @@ async def test_the_failure_code_field_is_configurable(peer: Peer, build: Build) 
 
 
 async def test_still_pending_after_the_receipt_timeout_is_an_unconfirmed_receipt(
-    peer: Peer, build: Build
+    peer: Peer, polling: Build
 ) -> None:
     peer.answer(gateway())
-    peer.status({"status": "sending"})
-    channel = build(
-        url=peer.url(),
-        status_url=peer.url("/v1/faxes/{id}"),
+    answer_polls(peer, {"status": "sending"})
+    channel = polling(
         poll_seconds=0.05,
         receipt_timeout_seconds=0.3,
     )
@@ -350,42 +286,27 @@ async def test_still_pending_after_the_receipt_timeout_is_an_unconfirmed_receipt
     assert len(peer.of("POST")) == 1  # never resent
 
 
-async def test_a_stalled_poll_never_overruns_the_attempt(peer: Peer, build: Build) -> None:
+async def test_a_stalled_poll_never_overruns_the_attempt(peer: Peer, polling: Build) -> None:
     # The dispatcher cancels an attempt past timeout_seconds and would resend the fax: the
     # channel must answer within it, with the unconfirmed receipt, even if a poll hangs.
-    release = threading.Event()
-
-    def stall(request: Request) -> Response:
-        release.wait(10)
-        return gateway(200, status="delivered")
-
-    peer.answer(gateway())
-    peer.status(stall)
-    channel = build(
-        url=peer.url(),
-        status_url=peer.url("/v1/faxes/{id}"),
-        timeout_seconds=0.6,
-        receipt_timeout_seconds=0.6,
-    )
+    channel = polling(timeout_seconds=0.6, receipt_timeout_seconds=0.6)
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
+    with stalled(gateway(200, status="delivered")) as stall:
+        peer.answer(gateway())
+        answer_polls(peer, stall)
+        started = loop.time()
         receipt = await channel.send(fax())
         elapsed = loop.time() - started
-    finally:
-        release.set()
     assert receipt == Receipt(
         peer_reference=FAX_ID, detail="fax queued at the gateway", confirmed=False
     )
     assert elapsed < 0.6 + 0.3
 
 
-async def test_a_status_in_the_submit_answer_needs_no_poll(peer: Peer, build: Build) -> None:
+async def test_a_status_in_the_submit_answer_needs_no_poll(peer: Peer, polling: Build) -> None:
     peer.answer(gateway(200, id=FAX_ID, status="failed", error_code="invalid_number"))
-    peer.status({"status": "delivered"})
-    channel = build(
-        url=peer.url(),
-        status_url=peer.url("/v1/faxes/{id}"),
+    answer_polls(peer, {"status": "delivered"})
+    channel = polling(
         permanent_failure_codes=["invalid_number"],
     )
     with pytest.raises(PermanentError, match="code invalid_number"):
@@ -393,21 +314,21 @@ async def test_a_status_in_the_submit_answer_needs_no_poll(peer: Peer, build: Bu
     assert peer.of("GET") == []
 
 
-async def test_a_poll_that_fails_for_now_is_asked_again(peer: Peer, build: Build) -> None:
+async def test_a_poll_that_fails_for_now_is_asked_again(peer: Peer, polling: Build) -> None:
     peer.answer(gateway())
-    peer.status(Response("", status=503), gateway(200, status="delivered"))
-    receipt = await build(url=peer.url(), status_url=peer.url("/v1/faxes/{id}")).send(fax())
+    answer_polls(peer, Response("", status=503), gateway(200, status="delivered"))
+    receipt = await polling().send(fax())
     assert receipt.confirmed
     assert len(peer.of("GET")) == 2
 
 
 async def test_a_poll_that_cannot_succeed_ends_with_an_unconfirmed_receipt(
-    peer: Peer, build: Build
+    peer: Peer, polling: Build
 ) -> None:
     # The fax is at the gateway either way; a wrong status_url must not dead-letter it.
     peer.answer(gateway())
-    peer.status(Response("", status=404))
-    receipt = await build(url=peer.url(), status_url=peer.url("/v1/faxes/{id}")).send(fax())
+    answer_polls(peer, Response("", status=404))
+    receipt = await polling().send(fax())
     assert receipt == Receipt(
         peer_reference=FAX_ID,
         detail="fax queued at the gateway; status poll HTTP 404",
@@ -416,10 +337,12 @@ async def test_a_poll_that_cannot_succeed_ends_with_an_unconfirmed_receipt(
     assert len(peer.of("GET")) == 1
 
 
-async def test_a_status_body_that_is_not_json_keeps_polling(peer: Peer, build: Build) -> None:
+async def test_a_status_body_that_is_not_json_keeps_polling(peer: Peer, polling: Build) -> None:
     peer.answer(gateway())
-    peer.status(Response("<html>busy</html>", content_type="text/html"), {"status": "delivered"})
-    receipt = await build(url=peer.url(), status_url=peer.url("/v1/faxes/{id}")).send(fax())
+    answer_polls(
+        peer, Response("<html>busy</html>", content_type="text/html"), {"status": "delivered"}
+    )
+    receipt = await polling().send(fax())
     assert receipt.confirmed
 
 
@@ -479,22 +402,14 @@ async def test_client_errors_are_permanent_and_never_quote_the_body(
 
 
 async def test_a_gateway_slower_than_the_timeout_is_retryable(peer: Peer, build: Build) -> None:
-    release = threading.Event()
-
-    def stall(request: Request) -> Response:
-        release.wait(10)
-        return gateway()
-
-    peer.answer(stall)
     channel = build(url=peer.url(), timeout_seconds=0.3)
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
+    with stalled(gateway()) as stall:
+        peer.answer(stall)
+        started = loop.time()
         with pytest.raises(RetryableError, match="timeout"):
             await channel.send(fax())
         assert loop.time() - started < 3
-    finally:
-        release.set()
 
 
 # --- the pure status helpers ---------------------------------------------------------

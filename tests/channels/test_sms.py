@@ -1,20 +1,17 @@
 """The sms channel against a real HTTP server playing Twilio's Messages API
-(pytest-httpserver: Werkzeug on a real loopback socket)."""
+(:mod:`tests.channels.http_peer`: Werkzeug on a real loopback socket)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
+from werkzeug import Response
 
 from channels import registry
 from channels.base import (
@@ -29,7 +26,14 @@ from channels.base import (
 )
 from channels.sms import SEGMENT_CHARS, SmsChannel
 from tests.channels.contract import SECRET_MARKER, ChannelContract, Received, envelope
-from tests.helpers import free_port, wait_for
+from tests.channels.http_peer import (
+    Peer,
+    built_channels,
+    http_server_fixture,  # noqa: F401 (a fixture)
+    peer_fixture,  # noqa: F401 (a fixture)
+    stalled,
+)
+from tests.helpers import free_port
 
 NOW = 1_760_000_000.0
 ACCOUNT_SID = "AC0123456789abcdef0123456789abcdef"
@@ -39,63 +43,10 @@ TO = "+15550100199"
 MESSAGES = f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
 TEXT_PAYLOAD = b"Referral to cardiology received. Call 555-0100 to book."
 
-Answer = Response | Callable[[Request], Response]
-
-
-@dataclass
-class Seen:
-    path: str
-    headers: dict[str, str]
-    form: dict[str, str]
-    username: str | None
-    password: str | None
-
-
-@dataclass
-class Peer:
-    """A real HTTP server that records every request and answers from a script (the
-    last answer repeats)."""
-
-    server: HTTPServer
-    seen: list[Seen] = field(default_factory=list)
-
-    def base_url(self) -> str:
-        return str(self.server.url_for("")).rstrip("/")
-
-    def answer(self, *answers: Answer, path: str = MESSAGES) -> None:
-        script = list(answers)
-
-        def handle(request: Request) -> Response:
-            auth = request.authorization
-            self.seen.append(
-                Seen(
-                    request.path,
-                    dict(request.headers),
-                    request.form.to_dict(),
-                    auth.username if auth else None,
-                    auth.password if auth else None,
-                )
-            )
-            item = script.pop(0) if len(script) > 1 else script[0]
-            return item(request) if callable(item) and not isinstance(item, Response) else item
-
-        self.server.expect_request(path, method="POST").respond_with_handler(handle)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[HTTPServer]:
-    srv = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    srv.start()
-    yield srv
-    srv.clear()
-    srv.stop()
-
 
 @pytest.fixture
-def peer(server: HTTPServer) -> Iterator[Peer]:
-    server.clear()
-    yield Peer(server)
-    server.check_handler_errors()
+def peer_path() -> str:
+    return MESSAGES
 
 
 Build = Callable[..., SmsChannel]
@@ -104,25 +55,15 @@ Build = Callable[..., SmsChannel]
 @pytest.fixture
 async def build(tmp_path: Path) -> AsyncIterator[Build]:
     (tmp_path / "twilio.token").write_text(AUTH_TOKEN + "\n")
-    made: list[SmsChannel] = []
-
-    def make(**raw: Any) -> SmsChannel:
-        table = {
-            "type": "sms",
-            "account_sid": ACCOUNT_SID,
-            "auth_token": {"file": "twilio.token"},
-            "from_number": FROM,
-            **raw,
-        }
-        context = ChannelContext(base_dir=tmp_path, clock=lambda: NOW)
-        channel = registry.build("sms", table, context)
-        assert isinstance(channel, SmsChannel)
-        made.append(channel)
-        return channel
-
-    yield make
-    for channel in made:
-        await channel.aclose()
+    table = {
+        "type": "sms",
+        "account_sid": ACCOUNT_SID,
+        "auth_token": {"file": "twilio.token"},
+        "from_number": FROM,
+    }
+    context = ChannelContext(base_dir=tmp_path, clock=lambda: NOW)
+    async with built_channels(SmsChannel, "sms", table, context) as make:
+        yield make
 
 
 def twilio(http_status: int = 201, **body: Any) -> Response:
@@ -148,11 +89,7 @@ class TestSmsContract(ChannelContract):
 
     @pytest.fixture
     def contract_received(self, peer: Peer) -> Received:
-        async def received(n: int) -> list[bytes]:
-            await wait_for(lambda: len(peer.seen) >= n, timeout=5)
-            return [s.form["Body"].encode() for s in peer.seen]
-
-        return received
+        return peer.received(lambda seen: seen.form["Body"].encode())
 
     @pytest.fixture
     def contract_down_channel(self, build: Build) -> SmsChannel:
@@ -343,22 +280,14 @@ async def test_429_with_retry_after_as_a_date(peer: Peer, build: Build) -> None:
 
 
 async def test_a_gateway_slower_than_the_timeout_is_retryable(peer: Peer, build: Build) -> None:
-    release = threading.Event()
-
-    def stall(request: Request) -> Response:
-        release.wait(10)
-        return twilio()
-
-    peer.answer(stall)
     channel = build(base_url=peer.base_url(), timeout_seconds=0.3)
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
+    with stalled(twilio()) as stall:
+        peer.answer(stall)
+        started = loop.time()
         with pytest.raises(RetryableError, match="timeout"):
             await channel.send(sms())
         assert loop.time() - started < 3
-    finally:
-        release.set()
 
 
 async def test_a_2xx_that_is_not_json_is_an_unconfirmed_receipt(peer: Peer, build: Build) -> None:

@@ -1,30 +1,20 @@
-"""The webhook channel against a real HTTP server (pytest-httpserver: Werkzeug on a real
-loopback socket), and the shared HTTP outcome classification (channels._http)."""
+"""The webhook channel against a real HTTP server (:mod:`tests.channels.http_peer`:
+Werkzeug on a real loopback socket); the HTTP plumbing it shares with the other HTTP
+channels is tested on its own in ``test_http.py``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
+from werkzeug import Response
 
 from channels import registry
-from channels._http import (
-    classify_exception,
-    classify_response,
-    error_code,
-    parse_retry_after,
-    url_problem,
-)
 from channels.base import (
     JSON,
     ChannelConfigError,
@@ -35,60 +25,23 @@ from channels.base import (
 )
 from channels.webhook import WebhookChannel, verify_signature
 from tests.channels.contract import SECRET_MARKER, ChannelContract, Received, envelope
-from tests.helpers import free_port, wait_for
+from tests.channels.http_peer import (
+    Peer,
+    built_channels,
+    http_server_fixture,  # noqa: F401 (a fixture)
+    peer_fixture,  # noqa: F401 (a fixture)
+    stalled,
+)
+from tests.helpers import free_port
 
 NOW = 1_760_000_000.0
 SIGNING_SECRET = "whsec-test-0123456789"
 PAYLOAD = b'{"resourceType":"Bundle","type":"message","note":"Referral to cardiology"}'
 
-Answer = Response | Callable[[Request], Response]
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Peer:
-    """A real HTTP server that records every request and answers from a script (the
-    last answer repeats)."""
-
-    server: HTTPServer
-    seen: list[Seen] = field(default_factory=list)
-
-    def url(self, path: str = "/hook") -> str:
-        return str(self.server.url_for(path))
-
-    def answer(self, *answers: Answer, path: str = "/hook", method: str = "POST") -> None:
-        script = list(answers)
-
-        def handle(request: Request) -> Response:
-            body = request.get_data()
-            self.seen.append(Seen(request.method, request.path, dict(request.headers), body))
-            item = script.pop(0) if len(script) > 1 else script[0]
-            return item(request) if callable(item) and not isinstance(item, Response) else item
-
-        self.server.expect_request(path, method=method).respond_with_handler(handle)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[HTTPServer]:
-    srv = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    srv.start()
-    yield srv
-    srv.clear()
-    srv.stop()
-
 
 @pytest.fixture
-def peer(server: HTTPServer) -> Iterator[Peer]:
-    server.clear()
-    yield Peer(server)
-    server.check_handler_errors()
+def peer_path() -> str:
+    return "/hook"
 
 
 class Clock:
@@ -110,18 +63,10 @@ Build = Callable[..., WebhookChannel]
 @pytest.fixture
 async def build(tmp_path: Path, clock: Clock) -> AsyncIterator[Build]:
     (tmp_path / "webhook.secret").write_text(SIGNING_SECRET + "\n")
-    made: list[WebhookChannel] = []
-
-    def make(**raw: Any) -> WebhookChannel:
-        table = {"type": "webhook", "signing_secret": {"file": "webhook.secret"}, **raw}
-        channel = registry.build("hook", table, ChannelContext(base_dir=tmp_path, clock=clock))
-        assert isinstance(channel, WebhookChannel)
-        made.append(channel)
-        return channel
-
-    yield make
-    for channel in made:
-        await channel.aclose()
+    table = {"type": "webhook", "signing_secret": {"file": "webhook.secret"}}
+    context = ChannelContext(base_dir=tmp_path, clock=clock)
+    async with built_channels(WebhookChannel, "hook", table, context) as make:
+        yield make
 
 
 def ok(body: Any = None, status: int = 200, **headers: str) -> Response:
@@ -139,11 +84,7 @@ class TestWebhookContract(ChannelContract):
 
     @pytest.fixture
     def contract_received(self, peer: Peer) -> Received:
-        async def received(n: int) -> list[bytes]:
-            await wait_for(lambda: len(peer.seen) >= n, timeout=5)
-            return [s.body for s in peer.seen]
-
-        return received
+        return peer.received(lambda seen: seen.body)
 
     @pytest.fixture
     def contract_down_channel(self, build: Build) -> WebhookChannel:
@@ -391,22 +332,14 @@ async def test_a_redirect_is_permanent_and_not_followed(peer: Peer, build: Build
 
 
 async def test_a_peer_slower_than_the_timeout_is_retryable(peer: Peer, build: Build) -> None:
-    release = threading.Event()
-
-    def stall(request: Request) -> Response:
-        release.wait(10)
-        return ok()
-
-    peer.answer(stall)
     channel = build(url=peer.url(), timeout_seconds=0.3)
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
+    with stalled(ok()) as stall:
+        peer.answer(stall)
+        started = loop.time()
         with pytest.raises(RetryableError, match="timeout"):
             await channel.send(envelope(PAYLOAD, JSON))
         assert loop.time() - started < 3
-    finally:
-        release.set()
 
 
 async def _raw_peer(reply: bytes) -> tuple[asyncio.Server, int]:
@@ -450,118 +383,6 @@ async def test_aclose_is_idempotent_and_the_channel_reopens(peer: Peer, build: B
     await channel.aclose()
     await channel.send(envelope(PAYLOAD, JSON))
     assert len(peer.seen) == 2
-
-
-# --- the shared classification, table-driven (pure) ----------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (None, None),
-        ("0", 0.0),
-        ("120", 120.0),
-        (" 5 ", 5.0),
-        (formatdate(NOW + 30, usegmt=True), 30.0),
-        (formatdate(NOW - 30, usegmt=True), 0.0),  # already past: retry now
-        ("Sunday, 06-Nov-94 08:49:37 GMT", 0.0),  # RFC 850 form, long past
-        ("soon", None),
-        ("-5", None),
-        ("1.5", None),  # delay-seconds is an integer
-    ],
-)
-def test_parse_retry_after(value: str | None, expected: float | None) -> None:
-    assert parse_retry_after(value, now=NOW) == expected
-
-
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        (b'{"code": 21211, "message": "The To number +15551234567 is not valid"}', "21211"),
-        (b'{"error": "invalid_token", "error_description": "expired"}', "invalid_token"),
-        (b'{"error": {"code": "RATE_LIMITED", "message": "slow down"}}', "RATE_LIMITED"),
-        (b'{"errors": [{"code": "E42", "detail": "x"}]}', "E42"),
-        (b'[{"code": "first"}, {"code": "second"}]', "first"),
-        (b'{"error": "Patient John Smith not found"}', None),
-        (b'{"code": true}', None),
-        (b'{"code": ' + b"9" * 60 + b"}", None),  # a number that long is not a code
-        (b"[" * 50_000 + b"]" * 50_000, None),  # nesting past the parser's limit
-        (b"\xff\xfe{", None),
-        (b'{"message": "nothing machine-readable"}', None),
-        (b"<html>502 Bad Gateway</html>", None),
-        (b"", None),
-        (b'{"code": "' + b"x" * 41 + b'"}', None),
-    ],
-)
-def test_error_code_takes_only_short_machine_tokens(body: bytes, expected: str | None) -> None:
-    assert error_code(body) == expected
-
-
-@pytest.mark.parametrize(
-    ("status", "kind"),
-    [
-        (200, None),
-        (201, None),
-        (204, None),
-        (301, PermanentError),
-        (304, PermanentError),
-        (400, PermanentError),
-        (404, PermanentError),
-        (408, RetryableError),
-        (429, RetryableError),
-        (451, PermanentError),
-        (500, RetryableError),
-        (503, RetryableError),
-        (599, RetryableError),
-    ],
-)
-def test_classify_response(status: int, kind: type[Exception] | None) -> None:
-    error = classify_response(httpx.Response(status), now=NOW)
-    assert (type(error) if error else None) is kind
-
-
-@pytest.mark.parametrize(
-    ("exc", "kind", "says"),
-    [
-        (httpx.ConnectError("x"), RetryableError, "HTTP connect failed"),
-        (httpx.ConnectTimeout("x"), RetryableError, "HTTP connect timeout"),
-        (httpx.ReadTimeout("x"), RetryableError, "HTTP read timeout"),
-        (httpx.ReadError("x"), RetryableError, "HTTP read failed"),
-        (httpx.RemoteProtocolError(SECRET_MARKER), RetryableError, "HTTP peer broke"),
-        (httpx.WriteError("x"), RetryableError, "HTTP request failed (WriteError)"),
-        (TimeoutError(), RetryableError, "HTTP timeout"),
-        (httpx.UnsupportedProtocol("x"), PermanentError, "HTTP request impossible"),
-    ],
-)
-def test_classify_exception(exc: Exception, kind: type[Exception], says: str) -> None:
-    error = classify_exception(exc)
-    assert type(error) is kind
-    assert error.reason.startswith(says)
-    assert SECRET_MARKER not in error.reason
-
-
-def test_classify_exception_names_the_os_cause() -> None:
-    exc = httpx.ConnectError("All connection attempts failed")
-    exc.__cause__ = OSError("All connection attempts failed")
-    exc.__cause__.__cause__ = ConnectionRefusedError(111, "Connect call failed")
-    assert classify_exception(exc).reason == "HTTP connect failed (ECONNREFUSED)"
-
-
-@pytest.mark.parametrize(
-    ("url", "allowed"),
-    [
-        ("https://gw.example/v1", True),
-        ("http://127.0.0.1:8080/x", True),
-        ("http://localhost/x", True),
-        ("http://[::1]:9/x", True),
-        ("http://gw.example/v1", False),
-        ("ftp://gw.example/", False),
-        ("gw.example/v1", False),
-        ("", False),
-    ],
-)
-def test_url_problem(url: str, allowed: bool) -> None:
-    assert (url_problem(url, allow_plain_http=False) is None) is allowed
 
 
 async def test_a_peer_that_is_down_is_named_by_its_os_error(build: Build) -> None:
