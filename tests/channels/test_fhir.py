@@ -35,7 +35,7 @@ from channels.fhir import (
     relative_reference,
 )
 from tests.channels.contract import SECRET_MARKER, ChannelContract, Received, envelope
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from tests.peers.sekmet import Sekmet, SekmetHandle
 
 MARKER_SYSTEM = "urn:refloop:test"
@@ -95,12 +95,6 @@ async def make_channel(tmp_path: Path) -> AsyncIterator[Callable[..., Channel]]:
         await channel.aclose()
 
 
-def _unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- the contract ---------------------------------------------------------------------
 
 
@@ -120,7 +114,7 @@ class TestFhirContract(ChannelContract):
 
     @pytest.fixture
     def contract_down_channel(self, make_channel: Callable[..., Channel]) -> Channel:
-        return make_channel(f"http://127.0.0.1:{_unused_port()}/fhir", timeout_seconds=5)
+        return make_channel(f"http://127.0.0.1:{free_port()}/fhir", timeout_seconds=5)
 
     @pytest.fixture
     def contract_received(self, sekmet: SekmetHandle, marker: str) -> Received:
@@ -567,7 +561,7 @@ async def test_the_endpoint_of_the_envelope_overrides_the_base(
     httpserver.expect_oneshot_request("/specialist/r4/Task", method="POST").respond_with_data(
         "", status=201, headers={"Location": "Task/s1/_history/1"}
     )
-    channel = make_channel(f"http://127.0.0.1:{_unused_port()}/fhir")
+    channel = make_channel(f"http://127.0.0.1:{free_port()}/fhir")
     receipt = await channel.send(
         fhir_envelope({"resourceType": "Task"}, endpoint=httpserver.url_for("/specialist/r4/"))
     )
@@ -602,33 +596,38 @@ async def test_a_peer_that_never_answers_times_out_retryable(
 # --- settings -------------------------------------------------------------------------
 
 
+_SMART = {"token_url": "https://auth.example.org/token", "client_id": "c", "private_key": {}}
+
+
 @pytest.mark.parametrize(
-    ("table", "key"),
+    ("table", "problem"),
     [
-        ({"auth": "bearer"}, "token"),
-        ({"auth": "smart"}, "smart"),
-        ({"token": {"env": "X"}}, "token"),
+        ({"auth": "bearer"}, 'token: Value error, required when auth = "bearer" (token = {env'),
+        ({"auth": "smart"}, 'smart: Value error, required when auth = "smart" ([channels.<name>'),
+        ({"token": {"env": "X"}}, 'token: Value error, only used with auth = "bearer"'),
+        ({"auth": "smart", "token": {"env": "X"}}, "token: Value error, only used with auth"),
+        ({"smart": _SMART}, 'smart: Value error, only used with auth = "smart"'),
         ({"base_url": "http://ehr.example.org/fhir"}, "base_url"),
         ({"base_url": "ftp://127.0.0.1/fhir"}, "base_url"),
         ({"ca_file": "ca.pem", "verify": False}, "verify"),
-        (
-            {
-                "auth": "smart",
-                "smart": {
-                    "token_url": "http://auth.example.org/token",
-                    "client_id": "c",
-                    "private_key": {"env": "K"},
-                },
-            },
-            "smart",
-        ),
+        ({"auth": "smart", "smart": {**_SMART, "token_url": "http://auth.example.org/t"}}, "smart"),
     ],
 )
-def test_settings_problems_name_the_key(table: dict[str, Any], key: str) -> None:
+def test_settings_problems_name_the_key(table: dict[str, Any], problem: str) -> None:
     raw = {"type": "fhir", "base_url": "http://127.0.0.1:1/fhir", **table}
     with pytest.raises(ChannelConfigError) as caught:
         registry.validate(raw)
-    assert any(p.startswith(key) for p in caught.value.problems), caught.value.problems
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+async def test_an_unusable_ca_file_is_a_config_error_when_the_channel_is_built(
+    make_channel: Callable[..., Channel], tmp_path: Path
+) -> None:
+    with pytest.raises(ChannelConfigError) as caught:
+        make_channel("https://127.0.0.1:1/fhir", ca_file="missing.pem")
+    assert caught.value.problems == [
+        f"ca_file: {tmp_path / 'missing.pem'} unusable (FileNotFoundError)"
+    ]
 
 
 def test_settings_accept_https_and_plain_http_when_allowed() -> None:

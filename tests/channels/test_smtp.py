@@ -33,6 +33,7 @@ from channels.base import (
 )
 from channels.smtp import message_id
 from tests.channels.contract import SECRET_MARKER, ChannelContract, Received, envelope
+from tests.helpers import free_port
 from tests.integration.certs import Pki, make_pki
 from tests.peers.smtp_peer import SmtpPeer
 
@@ -92,13 +93,6 @@ def settings(pki: Pki, port: int, **overrides: Any) -> dict[str, Any]:
 
 def build(raw: dict[str, Any], base_dir: Path, **context: Any) -> Channel:
     return registry.build("mail", raw, ChannelContext(base_dir=base_dir, **context))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
