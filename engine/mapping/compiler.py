@@ -12,6 +12,15 @@ language is closed by construction):
   least one path (a constant alone never makes an event);
 * value sets: referenced ids exist, right-hand sides are text, no two codes collide
   after case folding.
+
+A FHIR mapping (``input: fhir``) is the same language over a resource instead of a
+message: ``match.resource`` instead of ``match.message_type``, ``elements:`` instead of
+``segments:``, paths in the FHIRPath subset of :mod:`engine.mapping.fhirpath`, each
+type-checked against every resource type the mapping names — unknown elements, a path
+that may select several items where one is read, a reader that does not fit the
+element's FHIR type (``as: coding`` on a HumanName), and codes a required binding does
+not have (``{path: status, equals: activ}``) are all load errors. HL7-only parts
+(``foreach``, ``is_null``, ``on_null``) are refused in a FHIR mapping.
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ from typing import Any, NoReturn, TypeVar
 
 from engine.domain.events import CATALOGUE, FieldType
 from engine.domain.referral import Event
+from engine.mapping import fhirmodel
 from engine.mapping import plan as p
+from engine.mapping.fhirpath import FhirPath, FhirPathError, compile_fhirpath
 from engine.mapping.source import Document, KeyPath, SourceError
-from engine.protocol.hl7path import Path, PathError, parse_path
+from engine.protocol.hl7path import PathError, parse_path
 from engine.protocol.hl7types import COMPOSITES, field_type
 
 MAPPING_SCHEMA = "referral-mapping/v1"
@@ -34,10 +45,22 @@ VALUESET_SCHEMA = "referral-valueset/v1"
 SOURCE_SCHEMA = "referral-source/v1"
 SOURCE_KEYS = ("schema", "description", "timezone")
 
-MAPPING_KEYS = ("schema", "id", "title", "match", "defaults", "segments", "field_sets", "rules")
-MATCH_KEYS = ("message_type", "when")
+MAPPING_KEYS = (
+    "schema",
+    "id",
+    "title",
+    "input",
+    "match",
+    "defaults",
+    "segments",
+    "elements",
+    "field_sets",
+    "rules",
+)
+MATCH_KEYS = ("message_type", "resource", "when")
 DEFAULTS_KEYS = ("timezone", "on_no_match", "rules")
 SEGMENTS_KEYS = ("ignore", "strict")
+ELEMENTS_KEYS = ("ignore", "strict")
 RULE_KEYS = ("id", "emit", "foreach", "when", "use", "fields", "reason")
 SOURCES = ("path", "const", "first_of", "concat", "join", "count")
 MODIFIERS = ("as", "map", "on_unmapped", "transform", "default", "required", "on_null", "sep")
@@ -52,6 +75,23 @@ IGNORE = "ignore"
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 _SEGMENT = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _MESSAGE_TYPE = re.compile(r"^(\*|[A-Z][A-Z0-9]{2})(\^(\*|[A-Z0-9]{3}))?$")
+
+#: FHIR types each reader takes (a path selecting anything else is a load error).
+_TEXTLIKE = frozenset(
+    {"string", "code", "id", "uri", "url", "canonical", "oid", "uuid", "markdown"}
+)
+_INTEGERS = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
+_TIMES = frozenset({"date", "dateTime", "instant"})
+FHIR_READS: dict[p.Reader, frozenset[str]] = {
+    p.Reader.STRING: fhirmodel.PRIMITIVES - {"xhtml", "base64Binary"},
+    p.Reader.INT: _INTEGERS | {"string"},
+    p.Reader.DECIMAL: _INTEGERS | {"decimal", "string"},
+    p.Reader.DATE: _TIMES,
+    p.Reader.DATETIME: _TIMES,
+    p.Reader.IDENTIFIER: _TEXTLIKE | {"Identifier", "Reference"},
+    p.Reader.CODING: _TEXTLIKE | {"CodeableConcept", "Coding"},
+    p.Reader.PERSON_NAME: frozenset({"HumanName"}),
+}
 
 #: Which readers may feed which canonical field type.
 COMPATIBLE: dict[FieldType, frozenset[p.Reader]] = {
@@ -90,6 +130,9 @@ class Compiler:
         self.valuesets = valuesets
         self.errors: list[SourceError] = []
         self.segments: set[str] = set()
+        self.input = p.Input.HL7V2
+        self.resource_types: tuple[str, ...] = ()
+        self.elements: set[str] = set()  # top-level FHIR elements some path reads
         self.field_sets: dict[str, dict[str, tuple[p.Spec, KeyPath]]] = {}
 
     # ---- error helpers ------------------------------------------------------------
@@ -158,7 +201,19 @@ class Compiler:
 
     # ---- paths ----------------------------------------------------------------------
 
-    def path(self, value: Any, at: KeyPath, *, many: bool = False, plain: bool = False) -> Path:
+    def path(
+        self,
+        value: Any,
+        at: KeyPath,
+        *,
+        many: bool = False,
+        plain: bool = False,
+        reader: p.Reader | None = None,
+    ) -> p.Path:
+        """A compiled path. ``many``: the value consumes a list; ``plain``: the value is
+        read as text (no typed reader); ``reader``: the typed reader that reads it."""
+        if self.input is p.Input.FHIR:
+            return self.fhir_path(value, at, many=many, plain=plain, reader=reader)
         text = self.text(value, at, "a path")
         try:
             path = parse_path(text)
@@ -181,6 +236,43 @@ class Compiler:
                 )
         self.segments.add(path.segment)
         return path
+
+    def fhir_path(
+        self, value: Any, at: KeyPath, *, many: bool, plain: bool, reader: p.Reader | None
+    ) -> FhirPath:
+        text = self.text(value, at, "a path")
+        compiled: FhirPath | None = None
+        for kind in self.resource_types:
+            try:
+                got = compile_fhirpath(text, kind)
+            except FhirPathError as exc:
+                where = f" (reading {kind})" if len(self.resource_types) > 1 else ""
+                self.fail(at, f"{exc.reason} in path {text!r} (character {exc.column}){where}")
+            compiled = compiled or got
+        if compiled is None:
+            self.fail(at, "a FHIR path needs match.resource to name the resource type")
+        if compiled.many and not many:
+            self.fail(
+                at,
+                f"{text!r} may select several items (a repeating element on the way); read "
+                "one with first() or where(...).first() - only join, count and conditions "
+                "take lists",
+            )
+        if reader is None and plain:
+            reader = p.Reader.STRING
+        if reader is not None and compiled.type not in FHIR_READS[reader]:
+            if reader is p.Reader.STRING:
+                self.fail(
+                    at,
+                    f"{text!r} is a {compiled.type}, not a primitive; a plain read needs one "
+                    "of its elements (e.g. .text, .value, .code) or a typed reader (as: "
+                    "identifier | coding | person_name)",
+                )
+            fits = ", ".join(sorted(FHIR_READS[reader]))
+            self.fail(at, f"as: {reader.value} reads {fits}; {text!r} is a {compiled.type}")
+        if compiled.head:
+            self.elements.add(compiled.head)
+        return compiled
 
     # ---- value specs ----------------------------------------------------------------
 
@@ -244,6 +336,11 @@ class Compiler:
             else False
         )
         on_null_clear = True
+        if "on_null" in data and self.input is p.Input.FHIR:
+            self.fail(
+                (*at, "on_null"),
+                'on_null is about HL7\'s "" (delete this value); FHIR has no such value',
+            )
         if "on_null" in data:
             on_null_clear = (
                 self.choice(data["on_null"], (*at, "on_null"), "on_null", ("clear", "ignore"))
@@ -265,7 +362,7 @@ class Compiler:
         value = data[kind]
         here = (*at, kind)
         if kind == "path":
-            return p.Read(self.path(value, here, plain=reader is p.Reader.STRING))
+            return p.Read(self.path(value, here, plain=reader is p.Reader.STRING, reader=reader))
         if kind == "const":
             if reader is not p.Reader.STRING:
                 self.fail(here, "a const is text; typed readers (as:) read message paths")
@@ -297,7 +394,7 @@ class Compiler:
         if kind == "join":
             if reader is not p.Reader.STRING:
                 self.fail((*at, "as"), "join makes text from a list: drop `as:`")
-            return p.Join(self.path(value, here, many=True), _sep(data))
+            return p.Join(self.path(value, here, many=True, reader=p.Reader.STRING), _sep(data))
         return p.Count(self.path(value, here, many=True))
 
     def transform(self, value: Any, at: KeyPath) -> p.Transform:
@@ -370,7 +467,12 @@ class Compiler:
         here = (*at, head)
         if head in ("present", "absent", "is_null"):
             self._only(data, at, (head,))
-            path = self.path(data[head], here, plain=False)
+            if head == "is_null" and self.input is p.Input.FHIR:
+                self.fail(
+                    here, 'is_null tests HL7\'s "" (delete this value); FHIR has none: use absent'
+                )
+            fhir = self.input is p.Input.FHIR  # FHIR asks "is there any?" of a list too
+            path = self.path(data[head], here, plain=False, many=fhir)
             if head == "present":
                 return p.Present(path)
             return p.Absent(path) if head == "absent" else p.IsNull(path)
@@ -394,8 +496,19 @@ class Compiler:
             self.fail(at, "path needs exactly one of equals, in, starts_with, in_valueset")
         op = ops[0]
         self._only(data, at, ("path", op, "map"))
-        path = self.path(data["path"], here, plain=True)
+        # FHIR: a comparison over a repeating element holds when any item does
+        # (the codes of every category coding, say).
+        path = self.path(data["path"], here, plain=True, many=self.input is p.Input.FHIR)
         translate = self.valueset_ref(data["map"], (*at, "map")) if "map" in data else ""
+        if isinstance(path, FhirPath) and path.codes and not translate and op in ("equals", "in"):
+            given = data[op] if isinstance(data[op], list) else [data[op]]
+            for i, code in enumerate(given):
+                if isinstance(code, str) and code not in path.codes:
+                    here_op = (*at, op, i) if isinstance(data[op], list) else (*at, op)
+                    self.fail(
+                        here_op,
+                        f"{code!r} is not a code of {path.text} ({', '.join(path.codes)})",
+                    )
         if op == "in_valueset":
             if translate:
                 self.fail((*at, "map"), "in_valueset already looks the code up; drop map")
@@ -428,9 +541,31 @@ class Compiler:
         mapping_id = self.text(data["id"], ("id",), "id")
         if not _ID.match(mapping_id):
             self.fail(("id",), "an id is lower-case letters, digits, '.', '_' or '-'")
+        if "input" in data:
+            self.input = p.Input(
+                self.choice(data["input"], ("input",), "input", tuple(i.value for i in p.Input))
+            )
+        fhir = self.input is p.Input.FHIR
         match = self.mapping_of(data["match"], ("match",), "match")
         self.known_keys(match, ("match",), MATCH_KEYS)
-        types = self.message_types(match.get("message_type"), ("match", "message_type"))
+        types: tuple[p.MessageType, ...] = ()
+        if fhir:
+            if "message_type" in match:
+                self.fail_at_key(
+                    ("match", "message_type"),
+                    "a FHIR mapping (input: fhir) matches `resource:`, e.g. "
+                    "resource: ServiceRequest, not message_type",
+                )
+            if "resource" not in match:
+                self.fail(("match",), "a FHIR mapping needs match.resource (e.g. ServiceRequest)")
+            self.resource_types = self.resources(match["resource"], ("match", "resource"))
+        else:
+            if "resource" in match:
+                self.fail_at_key(
+                    ("match", "resource"),
+                    "match.resource is for FHIR mappings: add `input: fhir` at the top",
+                )
+            types = self.message_types(match.get("message_type"), ("match", "message_type"))
         when = (
             self.attempt(self.condition, match["when"], ("match", "when"))
             if "when" in match
@@ -462,6 +597,17 @@ class Compiler:
         )
         ignore: frozenset[str] = frozenset()
         strict = False
+        ignore_elements: frozenset[str] = frozenset()
+        if fhir and "segments" in data:
+            self.fail_at_key(
+                ("segments",), "a FHIR mapping has no segments: list unread elements in `elements:`"
+            )
+        if not fhir and "elements" in data:
+            self.fail_at_key(
+                ("elements",), "elements: is for FHIR mappings (input: fhir); HL7 has `segments:`"
+            )
+        if "elements" in data:
+            ignore_elements, strict = self.element_settings(data["elements"])
         if "segments" in data:
             segs = self.mapping_of(data["segments"], ("segments",), "segments")
             self.known_keys(segs, ("segments",), SEGMENTS_KEYS)
@@ -509,7 +655,51 @@ class Compiler:
             rules=tuple(rules),
             strict_coverage=strict,
             first_match=first_match,
+            input=self.input,
+            resource_types=self.resource_types,
+            ignore_elements=ignore_elements,
+            read_elements=frozenset(self.elements),
+            known_elements=frozenset().union(
+                *(fhirmodel.elements(fhirmodel.resource_model(t)) for t in self.resource_types)
+            ),
         )
+
+    def resources(self, value: Any, at: KeyPath) -> tuple[str, ...]:
+        items = value if isinstance(value, list) else [value]
+        out: list[str] = []
+        for i, item in enumerate(items):
+            here = (*at, i) if isinstance(value, list) else at
+            name = self.text(item, here, "match.resource")
+            try:
+                fhirmodel.resource_model(name)
+            except fhirmodel.UnknownType as exc:
+                hint = f" (did you mean {exc.hint!r}?)" if exc.hint else ""
+                self.fail(here, f"{name!r} is not a FHIR R4 resource type{hint}")
+            if name in out:
+                self.fail(here, f"{name} is listed twice")
+            out.append(name)
+        if not out:
+            self.fail(at, "match.resource names at least one resource type")
+        return tuple(out)
+
+    def element_settings(self, value: Any) -> tuple[frozenset[str], bool]:
+        at: KeyPath = ("elements",)
+        data = self.mapping_of(value, at, "elements")
+        self.known_keys(data, at, ELEMENTS_KEYS)
+        names = self.list_of(data.get("ignore", []), (*at, "ignore"), "ignore")
+        for i, name in enumerate(names):
+            here = (*at, "ignore", i)
+            text = self.text(name, here, "an element name")
+            for kind in self.resource_types:
+                known = fhirmodel.elements(fhirmodel.resource_model(kind))
+                if text not in known:
+                    self.fail(
+                        here,
+                        f"{kind} has no element {text!r}{_hint(text, tuple(known))} "
+                        "(elements.ignore lists top-level elements, e.g. note, encounter)",
+                    )
+        strict = self.flag(data["strict"], (*at, "strict"), "strict") if "strict" in data else False
+        return frozenset(names), strict
 
     def message_types(self, value: Any, at: KeyPath) -> tuple[p.MessageType, ...]:
         items = value if isinstance(value, list) else [value]
@@ -553,6 +743,11 @@ class Compiler:
             )
         emit = None if emit_text == IGNORE else Event(emit_text)
         foreach: tuple[str, ...] = ()
+        if "foreach" in data and self.input is p.Input.FHIR:
+            self.fail(
+                (*at, "foreach"),
+                "foreach cuts an HL7 message at segments; a FHIR mapping reads one resource",
+            )
         if "foreach" in data:
             raw = data["foreach"]
             names = raw if isinstance(raw, list) else [raw]
@@ -737,7 +932,7 @@ def _reads(spec: p.Spec) -> bool:
     return False
 
 
-def walk_paths(spec: p.Spec) -> Iterator[Path]:
+def walk_paths(spec: p.Spec) -> Iterator[p.Path]:
     """Every path a spec reads (for coverage reports)."""
     src = spec.source
     if isinstance(src, (p.Read, p.Join, p.Count)):

@@ -10,11 +10,17 @@ Rules run in file order; every rule that fires emits, unless the mapping says
 that fires, like a switch. An ``ignore`` rule that fires for the whole message stops
 evaluation (cheap recognition of non-referral traffic); one that fires inside a
 ``foreach`` instance hides that instance from the rules after it.
+
+FHIR mappings run through the same rule loop (:func:`evaluate_resource`); only reading
+differs: paths are FHIRPath over the resource's JSON, values go through the FHIR readers,
+the fallback ``occurred_at`` is ``meta.lastUpdated`` (MSH-7's counterpart), and the
+unread-parts report names top-level elements instead of segments. JSON ``null`` (not
+valid FHIR) is read as absent, with a warning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -28,11 +34,16 @@ from engine.domain.events import (
     Outcome,
 )
 from engine.mapping import plan as p
+from engine.mapping.fhir_readers import read_fhir
+from engine.mapping.fhirmodel import ALWAYS_KNOWN
+from engine.mapping.fhirpath import META_LAST_UPDATED, FhirPath, select
 from engine.mapping.readers import Assumed, BadValue, apply_transform, read_as
 from engine.protocol.hl7message import ABSENT, NULL, Message, Segment, Value
 from engine.protocol.hl7path import Path, parse_path, read
 
 MSH_7 = parse_path("/MSH-7")
+_MSH_7_SPEC = p.Spec(p.Read(MSH_7), p.Reader.DATETIME)
+_LAST_UPDATED_SPEC = p.Spec(p.Read(META_LAST_UPDATED), p.Reader.DATETIME)
 
 
 class _Nothing:
@@ -49,7 +60,13 @@ NULLED = _Nothing(null=True)
 
 
 class _Run:
-    """The state of one evaluation: message, current scope and findings."""
+    """The state of one evaluation: message, current scope and findings.
+
+    The FHIR twin, :class:`_FhirRun`, overrides how values are read (``raw``, ``scalar``,
+    ``occupied``, ``typed``); rules, conditions, value sets and transforms are shared."""
+
+    #: occurred_at when a rule does not say: the message's own time.
+    fallback_time = _MSH_7_SPEC
 
     def __init__(
         self, mapping: p.Mapping, message: Message, valuesets: Mapping[str, p.ValueSet]
@@ -75,13 +92,25 @@ class _Run:
 
     # ---- reading ------------------------------------------------------------------
 
-    def raw(self, path: Path) -> Value | list[Value]:
+    def raw(self, path: p.Path) -> Any:
         # Plan paths live as long as the plan: their id is a cheap, exact key.
         key = (id(path), -1, 0) if path.absolute else (id(path), self.scope_index, self.scope_size)
         got = self.cache.get(key)
         if got is None:
+            assert isinstance(path, Path)
             got = self.cache[key] = read(self.message, path, self.scope)
         return got
+
+    def scalar(self, raw: Any) -> str | None:
+        """The text of one read value, or None when it is not a value."""
+        return self.message.unescape(raw) if isinstance(raw, str) else None
+
+    def occupied(self, raw: Any) -> bool:
+        """One read item that counts as a value (HL7: not absent, not ``""``)."""
+        return isinstance(raw, str)
+
+    def anchor(self, scope: Sequence[Segment]) -> int:
+        return _anchor_position(self.message, scope)
 
     def value(self, spec: p.Spec) -> Any:
         got = self.source(spec)
@@ -114,7 +143,6 @@ class _Run:
                 return MISSING
             if raw is NULL:
                 return NULLED
-            assert isinstance(raw, str)
             return self.typed(spec, raw, src.path)
         if isinstance(src, p.Const):
             return src.value
@@ -138,14 +166,16 @@ class _Run:
         if isinstance(src, p.Join):
             values = self.raw(src.path)
             items = values if isinstance(values, list) else [values]
-            texts = [self.message.unescape(v).strip() for v in items if isinstance(v, str)]
+            texts = [t.strip() for t in map(self.scalar, items) if t is not None]
             texts = [t for t in texts if t]
             return src.sep.join(texts) if texts else MISSING
         values = self.raw(src.path)
         items = values if isinstance(values, list) else [values]
-        return sum(1 for v in items if isinstance(v, str))
+        return sum(1 for v in items if self.occupied(v))
 
-    def typed(self, spec: p.Spec, raw: str, path: Path) -> Any:
+    def typed(self, spec: p.Spec, raw: Any, path: p.Path) -> Any:
+        assert isinstance(raw, str)
+        assert isinstance(path, Path)
         assumed = Assumed()
         try:
             got = read_as(spec.reader, raw, path, self.message, self.mapping.timezone, assumed)
@@ -198,7 +228,10 @@ class _Run:
 
     def holds(self, cond: p.Condition) -> bool:
         if isinstance(cond, p.Present):
-            return _any_value(self.raw(cond.path))
+            raw = self.raw(cond.path)
+            if isinstance(raw, list):
+                return any(self.occupied(v) for v in raw)
+            return self.occupied(raw)
         if isinstance(cond, p.Absent):
             raw = self.raw(cond.path)
             return raw is ABSENT or (isinstance(raw, list) and not raw)
@@ -206,25 +239,13 @@ class _Run:
             return self.raw(cond.path) is NULL
         if isinstance(cond, p.Compare):
             raw = self.raw(cond.path)
-            if not isinstance(raw, str):
-                return False
-            text: str | None = self.message.unescape(raw)
-            if cond.translate:
-                text = self.valuesets[cond.translate].lookup(text or "")
-                if text is None:
-                    return False
-            assert text is not None
-            if cond.op == "equals":
-                return text == cond.values[0]
-            if cond.op == "in":
-                return text in cond.values
-            if cond.op == "starts_with":
-                return text.startswith(cond.values[0])
-            return self.valuesets[cond.valueset].lookup(text) is not None
+            if isinstance(raw, list):  # FHIR: a path over a repeating element, any item
+                return any(self.compare(cond, self.scalar(v)) for v in raw)
+            return self.compare(cond, self.scalar(raw))
         if isinstance(cond, p.CountIs):
             raw = self.raw(cond.path)
             items = raw if isinstance(raw, list) else [raw]
-            n = sum(1 for v in items if isinstance(v, str))
+            n = sum(1 for v in items if self.occupied(v))
             return {
                 "eq": n == cond.number,
                 "gte": n >= cond.number,
@@ -238,11 +259,20 @@ class _Run:
             return any(self.holds(c) for c in cond.conditions)
         return not self.holds(cond.condition)
 
-
-def _any_value(raw: Value | list[Value]) -> bool:
-    if isinstance(raw, list):
-        return any(isinstance(v, str) for v in raw)
-    return isinstance(raw, str)
+    def compare(self, cond: p.Compare, text: str | None) -> bool:
+        if text is None:
+            return False
+        if cond.translate:
+            text = self.valuesets[cond.translate].lookup(text)
+            if text is None:
+                return False
+        if cond.op == "equals":
+            return text == cond.values[0]
+        if cond.op == "in":
+            return text in cond.values
+        if cond.op == "starts_with":
+            return text.startswith(cond.values[0])
+        return self.valuesets[cond.valueset].lookup(text) is not None
 
 
 def _source_text(spec: p.Spec) -> str:
@@ -313,6 +343,13 @@ def matches(
     return mapping.when is None or _Run(mapping, message, valuesets).holds(mapping.when)
 
 
+def matches_resource(
+    mapping: p.Mapping, resource: Mapping[str, Any], valuesets: Mapping[str, p.ValueSet]
+) -> bool:
+    """``match.when`` of a FHIR mapping (the resource type was checked by the caller)."""
+    return mapping.when is None or _FhirRun(mapping, resource, valuesets).holds(mapping.when)
+
+
 _MSH_9_1 = parse_path("MSH-9.1")
 _MSH_9_2 = parse_path("MSH-9.2")
 
@@ -326,6 +363,38 @@ def evaluate(
     received_at: datetime,
 ) -> Normalised:
     run = _Run(mapping, message, valuesets)
+    return _evaluate(
+        run,
+        digest,
+        lambda anchors: instances(message, anchors),
+        lambda: _coverage(mapping, message, run),
+    )
+
+
+def evaluate_resource(
+    mapping: p.Mapping,
+    resource: Mapping[str, Any],
+    valuesets: Mapping[str, p.ValueSet],
+    *,
+    digest: str,
+    received_at: datetime,
+) -> Normalised:
+    """Evaluate a FHIR mapping over one resource (its parsed JSON)."""
+    run = _FhirRun(mapping, resource, valuesets)
+    return _evaluate(run, digest, _no_instances, lambda: _element_coverage(mapping, resource, run))
+
+
+def _no_instances(anchors: tuple[str, ...]) -> list[list[Segment]]:
+    raise AssertionError("FHIR rules have no foreach (the compiler refuses it)")
+
+
+def _evaluate(
+    run: _Run,
+    digest: str,
+    cut: Callable[[tuple[str, ...]], list[list[Segment]]],
+    coverage: Callable[[], None],
+) -> Normalised:
+    mapping = run.mapping
     events: list[CanonicalEvent] = []
     fired: list[str] = []
     ignored_by: p.Rule | None = None  # a message-level ignore rule
@@ -336,7 +405,7 @@ def evaluate(
     for rule in mapping.rules:
         run.rule, run.field = rule.id, ""
         if rule.foreach and rule.foreach not in cuts:
-            cuts[rule.foreach] = instances(message, rule.foreach)
+            cuts[rule.foreach] = cut(rule.foreach)
         scopes: list[list[Segment] | None] = list(cuts[rule.foreach]) if rule.foreach else [None]
         done = handled.setdefault(rule.foreach, set())
         hid = hidden.setdefault(rule.foreach, set())
@@ -344,7 +413,7 @@ def evaluate(
             if index in hid or (mapping.first_match and index in done):
                 continue
             run.scope = scope
-            run.scope_index = -1 if scope is None else _anchor_position(message, scope)
+            run.scope_index = -1 if scope is None else run.anchor(scope)
             run.scope_size = 0 if scope is None else len(scope)
             if rule.when is not None and not run.holds(rule.when):
                 continue
@@ -386,7 +455,7 @@ def evaluate(
             return result(Outcome.IGNORED, rule_id=ignored_by.id)
         _no_match(mapping, run)
         return _failed(result, run) if run.failed else result(Outcome.IGNORED)
-    _coverage(mapping, message, run)
+    coverage()
     if run.failed:
         return _failed(result, run)
     return result(Outcome.PROCESSED, events=tuple(events), clues=_clues(events[0]))
@@ -418,7 +487,7 @@ def _emit(run: _Run, rule: p.Rule, ordinal: int) -> CanonicalEvent:
         known = {(d.code, d.path) for d in run.diagnostics if d.rule == rule.id}
         mark = len(run.diagnostics)
         run.field = "occurred_at"
-        at = run.value(p.Spec(p.Read(MSH_7), p.Reader.DATETIME))
+        at = run.value(run.fallback_time)
         run.field = ""
         # A field of this rule that read MSH-7 already said its zone was assumed.
         run.diagnostics[mark:] = [
@@ -483,6 +552,142 @@ def _coverage(mapping: p.Mapping, message: Message, run: _Run) -> None:
             path=name,
             severity="error" if mapping.strict_coverage else "warning",
         )
+
+
+class _FhirRun(_Run):
+    """Reading a resource: FHIRPath selections, FHIR readers, no scopes, no HL7 null."""
+
+    fallback_time = _LAST_UPDATED_SPEC
+
+    def __init__(
+        self,
+        mapping: p.Mapping,
+        resource: Mapping[str, Any],
+        valuesets: Mapping[str, p.ValueSet],
+    ) -> None:
+        self.mapping = mapping
+        self.resource = resource
+        self.valuesets = valuesets
+        self.scope = None
+        self.scope_index = -1
+        self.scope_size = 0
+        self.fhir_cache: dict[int, Any] = {}
+        self.diagnostics = []
+        self.rule = ""
+        self.field = ""
+        self.failed = False
+        kind = resource.get("resourceType")
+        self.resource_type = kind if isinstance(kind, str) else ""
+
+    def raw(self, path: p.Path) -> Any:
+        """ABSENT, the one item of a singular path, or the list a ``many`` path selects."""
+        got = self.fhir_cache.get(id(path))
+        if got is not None:
+            return got
+        assert isinstance(path, FhirPath)
+        items, nulls = select(path, self.resource)
+        if nulls:
+            # Reported once per path (the read is cached), where the mapping reads it.
+            self.note(
+                "null_value",
+                f"{path.text} meets a JSON null, which FHIR does not allow; read as absent",
+                path=path.text,
+                severity="warning",
+            )
+        if path.many:
+            got = items
+        elif not items:
+            got = ABSENT
+        elif len(items) == 1:
+            got = items[0]
+        else:  # the models say one; the JSON sent several (invalid FHIR)
+            self.note(
+                "invalid_value",
+                f"{path.text} holds {len(items)} values where FHIR allows one; read as absent",
+                path=path.text,
+                severity="warning",
+            )
+            got = ABSENT
+        self.fhir_cache[id(path)] = got
+        return got
+
+    def scalar(self, raw: Any) -> str | None:
+        if isinstance(raw, str):
+            return raw
+        if isinstance(raw, bool):
+            return "true" if raw else "false"
+        if isinstance(raw, (int, float)):
+            return str(raw)
+        return None
+
+    def occupied(self, raw: Any) -> bool:
+        return raw is not ABSENT
+
+    def anchor(self, scope: Sequence[Segment]) -> int:
+        raise AssertionError("FHIR rules have no foreach")
+
+    def typed(self, spec: p.Spec, raw: Any, path: p.Path) -> Any:
+        assert isinstance(path, FhirPath)
+        assumed = Assumed()
+        try:
+            got = read_fhir(
+                spec.reader, raw, path, self.resource_type, self.mapping.timezone, assumed
+            )
+        except BadValue as exc:
+            self.note(
+                "invalid_value",
+                f"{path.text} is not a valid {spec.reader.value}: {exc}",
+                path=path.text,
+                severity="warning",
+            )
+            return MISSING
+        if assumed.zone:
+            self.note(
+                "timezone_assumed",
+                f"{path.text} has no UTC offset; {self.mapping.timezone_name} assumed",
+                path=path.text,
+                severity="info",
+            )
+        return MISSING if got is None or got == "" else got
+
+
+def _element_coverage(mapping: p.Mapping, resource: Mapping[str, Any], run: _Run) -> None:
+    """The FHIR counterpart of unread segments: top-level elements no path reads and
+    ``elements.ignore`` does not list. A modifierExtension nobody reads is an error
+    whatever ``strict`` says: it may change what the resource means (R4 §2.4.1.1)."""
+    known = mapping.read_elements | mapping.ignore_elements | ALWAYS_KNOWN
+    for name, value in resource.items():
+        if name in known or name.startswith("_"):
+            continue  # _status and friends extend a primitive: they go with it
+        if value is None:
+            run.note(
+                "null_value",
+                f"{name} is JSON null, which FHIR does not allow; read as absent",
+                path=name,
+                severity="warning",
+            )
+            continue
+        if name == "modifierExtension":
+            run.note(
+                "unread_modifier_extension",
+                "modifierExtension may change the meaning of the resource and no rule reads "
+                "it; read it, or list it in elements.ignore once you know what it says",
+                path=name,
+            )
+        elif name not in mapping.known_elements:
+            run.note(
+                "unknown_element",
+                f"{name} is not an element of {'/'.join(mapping.resource_types)} in FHIR R4",
+                path=name,
+                severity="warning",
+            )
+        else:
+            run.note(
+                "unmapped_element",
+                f"{name} is neither read nor listed in elements.ignore",
+                path=name,
+                severity="error" if mapping.strict_coverage else "warning",
+            )
 
 
 def _clues(event: CanonicalEvent) -> dict[str, str]:

@@ -9,6 +9,9 @@ error. Failures print as path-level want/got lines an analyst can act on::
 
 Warnings and errors are compared exactly when ``diagnostics`` is given; notes
 (``timezone_assumed``, ``default_used``) only when the case lists them.
+
+A FHIR case gives its resource as ``resource:`` (JSON text) or ``file:`` a ``.json``
+sample; ``index: n`` then takes the n-th entry of a Bundle, as the intake splits one.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from engine.mapping.source import Document, SourceError, load
 from engine.protocol.hl7v2 import HeaderError, codec_for, decode, parse_header
 
 CASES_KEYS = ("mapping", "overlay", "context", "cases")
-CASE_KEYS = ("name", "message", "file", "index", "overlay", "expect")
+CASE_KEYS = ("name", "message", "file", "index", "overlay", "expect", "resource")
 EXPECT_KEYS = ("outcome", "rule", "events", "diagnostics", "error")
 EVENT_KEYS = ("emit", "rule", "fields")
 DIAGNOSTIC_KEYS = ("code", "severity", "rule", "field", "path")
@@ -141,10 +144,13 @@ def _run_file(
             if not isinstance(case, dict):
                 raise _CaseError(at, "a case is a mapping with name, message (or file), expect")
             _known(doc, case, at, CASE_KEYS)
-            text = _message(case, at, path)
+            given = _input(case, at, path)
             # Fixtures inside sources/<name>/ speak for that source unless they say otherwise.
             overlay = case.get("overlay", data.get("overlay", overlay_of(mapset.root, path)))
-            got = mapset.normalise(text, received_at=received_at, overlay=overlay)
+            if isinstance(given, str):
+                got = mapset.normalise(given, received_at=received_at, overlay=overlay)
+            else:
+                got = mapset.normalise_resource(given, received_at=received_at, overlay=overlay)
             result.result = got
             fired.setdefault(got.mapping_id, set()).update(got.fired)
             want_mapping = data.get("mapping")
@@ -174,12 +180,68 @@ def _known(
             )
 
 
+def _input(case: Mapping[str, Any], at: tuple[str | int, ...], path: Path) -> str | dict[str, Any]:
+    """The HL7 message (text) or FHIR resource (parsed JSON) a case feeds the mappings."""
+    given = [k for k in ("message", "resource", "file") if k in case]
+    if len(given) > 1:
+        raise _CaseError((*at, given[1]), "a case takes one of message, resource, file")
+    if "resource" in case:
+        if "index" in case:
+            raise _CaseError((*at, "index"), "index picks from a sample file, not from resource:")
+        return _resource(str(case["resource"] or ""), (*at, "resource"), "resource")
+    if "file" in case and str(case["file"]).endswith(".json"):
+        return _sample_resource(case, at, path)
+    return _message(case, at, path)
+
+
+def _resource(text: str, at: tuple[str | int, ...], what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _CaseError(
+            at, f"{what} is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+        raise _CaseError(at, f"{what} is not a FHIR resource (a JSON object with resourceType)")
+    return data
+
+
+def _sample_resource(
+    case: Mapping[str, Any], at: tuple[str | int, ...], path: Path
+) -> dict[str, Any]:
+    sample = path.parent / str(case["file"])
+    if not sample.is_file():
+        raise _CaseError((*at, "file"), f"no such sample file: {sample}")
+    try:
+        text = sample.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    except UnicodeDecodeError:
+        raise _CaseError((*at, "file"), f"{sample.name} is not UTF-8 (FHIR JSON is)") from None
+    resource = _resource(text, (*at, "file"), sample.name)
+    if "index" not in case:
+        return resource
+    raw_index = str(case["index"])
+    entries = resource.get("entry") if resource.get("resourceType") == "Bundle" else None
+    if not isinstance(entries, list):
+        raise _CaseError((*at, "index"), f"index picks a Bundle entry; {sample.name} is no Bundle")
+    if not raw_index.isdigit() or not 1 <= int(raw_index) <= len(entries):
+        raise _CaseError((*at, "index"), f"{sample.name} holds {len(entries)} entries")
+    entry = entries[int(raw_index) - 1]
+    inner = entry.get("resource") if isinstance(entry, dict) else None
+    if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
+        raise _CaseError((*at, "index"), f"entry {raw_index} of {sample.name} carries no resource")
+    return inner
+
+
 def _message(case: Mapping[str, Any], at: tuple[str | int, ...], path: Path) -> str:
     if "message" in case:
         text = str(case["message"]).strip("\n")
         return "\r".join(text.split("\n")) + "\r"
     if "file" not in case:
-        raise _CaseError(at, "a case needs `message:` (inline) or `file:` (a sample)")
+        raise _CaseError(
+            at,
+            "a case needs `message:` (inline) or `file:` (a sample); for FHIR, `resource:` "
+            "(JSON) or a .json file",
+        )
     sample = path.parent / str(case["file"])
     if not sample.is_file():
         raise _CaseError((*at, "file"), f"no such sample file: {sample}")

@@ -5,6 +5,8 @@ Layout under the mappings directory::
     valuesets/*.yaml              shared code tables (referral-valueset/v1)
     hl7v2/*.map.yaml              shared mappings (referral-mapping/v1)
     hl7v2/tests/*.cases.yaml      fixtures (run by `refloop mappings test`)
+    fhir/*.map.yaml               shared FHIR R4 mappings (referral-mapping/v1, input: fhir)
+    fhir/tests/*.cases.yaml       their fixtures
     sources/<name>/...            an overlay for one sending system: its own mappings,
                                   valuesets/ and tests/, chosen per listener in engine.toml
     sources/<name>/source.yaml    that system's settings (referral-source/v1), e.g. the
@@ -18,6 +20,10 @@ For a message from a listener with overlay ``X``, the overlay's mappings are tri
 before the shared ones (first match by ``match`` wins, in file order), and the overlay's
 value sets shadow shared ones of the same id — so an overlay can be as small as one
 code table that translates a vendor's local codes.
+
+A FHIR resource (:meth:`MappingSet.normalise_resource`) is matched the same way, by its
+``resourceType`` against each FHIR mapping's ``match.resource`` (then ``match.when``),
+overlay first; a type no mapping names is a ``mapping_error`` (``no_mapping``).
 """
 
 from __future__ import annotations
@@ -27,11 +33,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from engine.domain.events import Diagnostic, Normalised, Outcome
 from engine.mapping import plan as p
 from engine.mapping.compiler import MAPPING_SCHEMA, SOURCE_SCHEMA, VALUESET_SCHEMA, Compiler
-from engine.mapping.evaluate import evaluate, matches, message_type
+from engine.mapping.evaluate import (
+    evaluate,
+    evaluate_resource,
+    matches,
+    matches_resource,
+    message_type,
+)
 from engine.mapping.source import Document, SourceError, load
 from engine.protocol.hl7message import Message
 from engine.protocol.hl7v2 import HeaderError
@@ -94,7 +107,7 @@ class MappingSet:
         tables = self.tables(overlay)
         kind = message_type(message)
         for mapping in self.candidates(overlay):
-            if matches(mapping, message, tables, kind):
+            if mapping.input is p.Input.HL7V2 and matches(mapping, message, tables, kind):
                 mapping = self._for_source(mapping, overlay)
                 return evaluate(
                     mapping, message, tables, digest=self.digest, received_at=received_at
@@ -104,6 +117,36 @@ class MappingSet:
         return _error(
             "no_mapping",
             f"no mapping handles {label}{where}; add one (or an ignore rule) under {self.root}",
+        )
+
+    def normalise_resource(
+        self, resource: Mapping[str, Any], *, received_at: datetime, overlay: str | None
+    ) -> Normalised:
+        """Normalise one FHIR resource, its JSON already parsed (pure: no clock, no I/O).
+
+        Same result as :meth:`normalise`. A Bundle is not split here: the intake stores
+        each entry as its own resource, so a Bundle that arrives whole is recorded as
+        ignored by the shipped ``fhir.bundles`` mapping."""
+        kind = resource.get("resourceType") if isinstance(resource, Mapping) else None
+        if not isinstance(kind, str) or not kind:
+            return _error("unparseable", "the resource has no resourceType")
+        tables = self.tables(overlay)
+        for mapping in self.candidates(overlay):
+            if (
+                mapping.input is p.Input.FHIR
+                and kind in mapping.resource_types
+                and matches_resource(mapping, resource, tables)
+            ):
+                mapping = self._for_source(mapping, overlay)
+                return evaluate_resource(
+                    mapping, resource, tables, digest=self.digest, received_at=received_at
+                )
+        where = f" for source {overlay!r}" if overlay else ""
+        label = kind if kind.isalnum() and len(kind) <= 64 else "(an unknown type)"
+        return _error(
+            "no_mapping",
+            f"no mapping handles FHIR {label}{where}; add one (or an ignore rule) under "
+            f"{self.root}",
         )
 
 

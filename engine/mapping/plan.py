@@ -12,7 +12,12 @@ from enum import StrEnum
 from zoneinfo import ZoneInfo
 
 from engine.domain.referral import Event
-from engine.protocol.hl7path import Path
+from engine.mapping.fhirpath import FhirPath
+from engine.protocol.hl7path import Path as Hl7Path
+
+#: A compiled path: HL7 v2 (``ORC-2.1``) or the FHIRPath subset (``basedOn.first()``),
+#: by the mapping's ``input``.
+Path = Hl7Path | FhirPath
 
 
 class Reader(StrEnum):
@@ -26,6 +31,13 @@ class Reader(StrEnum):
     IDENTIFIER = "identifier"
     CODING = "coding"
     PERSON_NAME = "person_name"
+
+
+class Input(StrEnum):
+    """``input:`` — what a mapping reads."""
+
+    HL7V2 = "hl7v2"
+    FHIR = "fhir"
 
 
 class OnUnmapped(StrEnum):
@@ -198,6 +210,14 @@ class Mapping:
     rules: tuple[Rule, ...]
     strict_coverage: bool = False  # unmapped segments are errors, not warnings
     first_match: bool = False  # a message (or foreach instance) takes the first rule that fires
+    input: Input = Input.HL7V2
+    # FHIR mappings: the resource types they read (match.resource), the top-level elements
+    # read on purpose by nobody (elements.ignore), those some path reads, and every
+    # element those types have (an element outside it is not R4).
+    resource_types: tuple[str, ...] = ()
+    ignore_elements: frozenset[str] = frozenset()
+    read_elements: frozenset[str] = frozenset()
+    known_elements: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from engine.domain.events import CATALOGUE
 from engine.domain.referral import Event
 from engine.mapping import compiler as c
 from engine.mapping import fixtures as f
-from engine.mapping.plan import OnNoMatch, OnUnmapped, Reader
+from engine.mapping.plan import Input, OnNoMatch, OnUnmapped, Reader
 
 _TEXT = {"type": "string"}
 _BOOL = {"enum": ["true", "false", True, False]}  # the loader reads every scalar as text
@@ -36,7 +36,11 @@ def mapping_schema() -> dict[str, Any]:
     fields = sorted({name for spec in CATALOGUE.values() for name in spec.fields})
     value = {
         "anyOf": [
-            {"type": "string", "description": "a path, e.g. PID-3[.5=MR].1"},
+            {
+                "type": "string",
+                "description": "a path: PID-3[.5=MR].1 (HL7 v2), or for input: fhir the "
+                "FHIRPath subset, e.g. identifier.where(type.coding.code = 'PLAC').first()",
+            },
             _closed(
                 {
                     "path": _TEXT,
@@ -96,13 +100,17 @@ def mapping_schema() -> dict[str, Any]:
                 "schema": {"const": c.MAPPING_SCHEMA},
                 "id": _TEXT,
                 "title": _TEXT,
-                "match": _closed(
-                    {
-                        "message_type": {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}]},
-                        "when": {"$ref": "#/$defs/condition"},
-                    },
-                    ("message_type",),
-                ),
+                "input": {"enum": [i.value for i in Input]},
+                "match": {
+                    **_closed(
+                        {
+                            "message_type": {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}]},
+                            "resource": {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}]},
+                            "when": {"$ref": "#/$defs/condition"},
+                        }
+                    ),
+                    "anyOf": [{"required": ["message_type"]}, {"required": ["resource"]}],
+                },
                 "defaults": _closed(
                     {
                         "timezone": _TEXT,
@@ -112,6 +120,7 @@ def mapping_schema() -> dict[str, Any]:
                     ("timezone",),
                 ),
                 "segments": _closed({"ignore": {"type": "array", "items": _TEXT}, "strict": _BOOL}),
+                "elements": _closed({"ignore": {"type": "array", "items": _TEXT}, "strict": _BOOL}),
                 "field_sets": {"type": "object", "additionalProperties": field_map},
                 "rules": {"type": "array", "items": rule, "minItems": 1},
             },
@@ -176,6 +185,7 @@ def cases_schema() -> dict[str, Any]:
             "file": _TEXT,
             "index": {"type": ["string", "integer"]},
             "overlay": _TEXT,
+            "resource": {"type": "string", "description": "a FHIR resource, as JSON text"},
             "expect": _closed(
                 {
                     "outcome": {"enum": ["processed", "ignored", "mapping_error"]},
