@@ -83,7 +83,7 @@ class MllpTls(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ca_file: Path | None = None  # trust these CAs (default: the system store)
+    ca_file: Path | None = None  # trust only these CAs (default: the system store)
     cert_file: Path | None = None  # our client certificate, for peers that require mTLS
     key_file: Path | None = None  # its key (when not in cert_file)
     # The name the configured host's certificate must carry, when it differs from ``host``
@@ -524,15 +524,19 @@ def _control_id(envelope: Envelope) -> str:
 
 def _tls_context(tls: MllpTls, base: Path) -> ssl.SSLContext:
     """The client context, built once; unreadable files are a config error at start."""
-    ctx = ssl.create_default_context()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     problems = []
     if tls.ca_file is not None:
+        # Only the named CAs, as the other channels do: a peer vouched for by some public
+        # CA is not the specialist's interface engine.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ca_file = config_path(tls.ca_file, base)
         try:
             ctx.load_verify_locations(cafile=str(ca_file))
         except (OSError, ssl.SSLError) as exc:
             problems.append(f"tls.ca_file: cannot load {ca_file}: {_why(exc)}")
+    else:
+        ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
