@@ -235,3 +235,44 @@ deliveries = Table(
 #: Delivery statuses; the first two are open (they hold their referral's FIFO).
 DELIVERY_OPEN = ("pending", "in_flight")
 DELIVERY_STATUSES = ("pending", "in_flight", "delivered", "sent", "dead", "cancelled")
+
+#: The FHIR Subscriptions refloop follows, one row per source and subscription: ours
+#: (``key`` derived from the configured spec) and any a source's server notifies us
+#: about that we did not create (``key`` = ``server:<id>``). engine/store/subscriptions.py.
+fhir_subscriptions = Table(
+    "fhir_subscriptions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("source", String(64), nullable=False),
+    Column("key", String(80), nullable=False),
+    Column("resource", String(64), nullable=True),  # the type it watches, when known
+    Column("search", String(), nullable=True),  # Type?params it watches (reconciliation)
+    Column("server_id", String(64), nullable=True),  # Subscription.id on the source's server
+    Column("status", String(16), nullable=True),  # as the server last reported it
+    Column("last_event_number", BigInteger(), nullable=True),
+    Column("last_event_at", UtcDateTime(), nullable=True),  # our clock: the last event
+    Column("last_heard_at", UtcDateTime(), nullable=True),  # any notification, heartbeats too
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    UniqueConstraint("source", "key"),
+    Index(None, "source", "server_id"),
+)
+
+#: Work a notification announced and the answer did not wait for: read-backs of id-only
+#: focus resources and reconciliation searches. Written before the 2xx, deleted once done.
+fhir_followups = Table(
+    "fhir_followups",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("source", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # read | reconcile
+    Column("target", String(), nullable=False),  # read: Type/id; reconcile: Type?params
+    Column("since", UtcDateTime(), nullable=True),  # reconcile: _lastUpdated=ge<since>
+    Column("subscription_id", Id, nullable=True),  # fhir_subscriptions.id that asked
+    Column("reason", String(24), nullable=False),  # id-only | empty | gap | start | status
+    Column("attempts", Integer(), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("next_attempt_at", UtcDateTime(), nullable=False),
+    Column("last_error", Text(), nullable=True),  # a safe reason ("HTTP 503"), never content
+    Index(None, "next_attempt_at"),
+)
