@@ -468,6 +468,17 @@ class Config(_Frozen):
             ref = self.database.password
             if not (ref.env and os.environ.get(ref.env)):
                 need("database.password.file", ref.file)
+        for i, fhir_source in enumerate(self.fhir.sources):
+            refs = (("token", fhir_source.token), ("hmac_secret", fhir_source.hmac_secret))
+            for key, secret in refs:
+                if secret is None or secret.file is None:
+                    continue
+                if secret.env and os.environ.get(secret.env):
+                    continue
+                try:
+                    secret.read(self.source.parent)
+                except ConfigError as exc:
+                    problems.append(f"{self.source}: fhir.sources[{i}].{key}.file: {exc}")
         token = self.logging.token_key
         if not (token.env and os.environ.get(token.env)) and token.file is not None:
             path = self.resolve(token.file)
