@@ -124,10 +124,12 @@ def fhir_routes(
     engine: Engine,
     *,
     notify_routes: Sequence[BaseRoute] = (),
+    auth: FhirAuth | None = None,
 ) -> list[BaseRoute]:
     """The ``/fhir/r4`` routes for ``build_app(extra_routes=...)``; ``notify_routes`` (the
-    subscription notification endpoints) are matched before the catch-all 404."""
-    api = FhirApi(config, writer, metrics, engine)
+    subscription notification endpoints) are matched before the catch-all 404, and
+    ``auth`` may be shared with them (secrets read once)."""
+    api = FhirApi(config, writer, metrics, engine, auth)
     return [
         *notify_routes,
         Route(BASE, api.bundle, methods=["POST"]),
