@@ -137,14 +137,19 @@ class IngestStore:
         row.update(status="duplicate", dedup_key=None, duplicate_of=orig_id, ack=ack)
         row["ack_code"] = ack_code
         if raw is not None:
-            row["error"] = f"a resend of message {orig_id} with a new MSH-7"
+            row["error"] = (
+                f"a resend of message {orig_id}"
+                if str(row.get("message_type") or "").startswith("FHIR:")
+                else f"a resend of message {orig_id} with a new MSH-7"
+            )
         cur.execute(self._insert, self._params(row))
         return Written(int(cur.fetchone()[0]), orig_id, ack)
 
     def _params(self, row: dict[str, Any]) -> list[Any]:
-        values = [row[c] for c in COLUMNS]
+        # Optional columns (headers: FHIR writes only) default to NULL.
+        values: list[Any] = [row.get(c) for c in COLUMNS]
         if self.sqlite:
-            values[_TIME] = values[_TIME].astimezone(UTC).strftime(_SQLITE_TIME)
+            values[_TIME] = row["received_at"].astimezone(UTC).strftime(_SQLITE_TIME)
         return values
 
     def _time(self, value: Any) -> datetime:

@@ -89,6 +89,8 @@ messages = Table(
     Column("error_code", Integer(), nullable=True),
     Column("error", Text(), nullable=True),
     Column("duplicate_of", Id, nullable=True),
+    # FHIR writes: the request headers that change the body's meaning (JSON); NULL for MLLP.
+    Column("headers", Text(), nullable=True),
     # Normalisation, after the ACK (engine/services/normaliser.py): NORMALISER_COLUMNS.
     Column("normalised_at", UtcDateTime(), nullable=True),
     Column("diagnostics", Text(), nullable=True),  # JSON list of Diagnostic.as_dict()

@@ -4,7 +4,7 @@ One row per source and Subscription (its id on the source's server, status, last
 number, when it was last heard from), and the read-backs and reconciliation searches
 notifications announced, written before they are answered.
 
-Revision ID: 0007
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-02
 """
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from engine.store.schema import Id, UtcDateTime
 
-revision = "0007"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
