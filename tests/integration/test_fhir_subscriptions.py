@@ -36,6 +36,8 @@ from starlette.applications import Starlette
 from structlog.testing import capture_logs
 
 from engine.config import Config
+from engine.edges.fhir_api import fhir_routes
+from engine.edges.fhir_auth import FhirAuth
 from engine.edges.fhir_notify import NotifyContext, notify_routes
 from engine.metrics import Metrics
 from engine.protocol.fhir_notify import KEY_HEADER, TAG_SYSTEM
@@ -98,14 +100,22 @@ class Harness:
         return f"http://127.0.0.1:{self.port}/fhir/r4/_notify/{SOURCE}"
 
     async def serve(self) -> None:
+        """Our endpoints as the daemon mounts them: beside the REST API, one FhirAuth."""
         sock = socket.create_server(("127.0.0.1", self.port))
-        app = Starlette(
-            routes=notify_routes(
-                NotifyContext(self.config, self.writer, self.metrics, self.manager)
-            )
+        auth = FhirAuth.from_config(self.config)
+        notify = NotifyContext(self.config, self.writer, self.metrics, self.manager, auth=auth)
+        routes = fhir_routes(
+            self.config,
+            self.writer,
+            self.metrics,
+            self.engine,
+            notify_routes=notify_routes(notify),
+            auth=auth,
         )
         self._server = _Server(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+            uvicorn.Config(
+                Starlette(routes=routes), log_config=None, access_log=False, lifespan="off"
+            )
         )
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         server = self._server
@@ -347,6 +357,14 @@ async def test_a_completed_task_on_sekmet_arrives_as_a_message(
         assert h.state(key).last_event_at is not None
         accepted = {"source": SOURCE, "resource": "Task", "outcome": "accepted"}
         assert h.metric("refloop_fhir_requests_total", **accepted) == 1
+
+        # The same update style without a body names the Task only: it is read back
+        # (the version we hold already: a duplicate, no new effects).
+        async with httpx.AsyncClient() as client:
+            ping = await client.put(f"{h.notify_url}/Task/{created['id']}", headers=bearer())
+        assert ping.status_code == 200, ping.text
+        await wait_for(lambda: len(h.rows("FHIR:Task")) == 2, WAIT)
+        assert [r["status"] for r in h.rows("FHIR:Task")] == ["received", "duplicate"]
 
     # A restart refreshes the same Subscription instead of making a second one.
     async with harness(tmp_path, subscriptions=[completed(patient)], sekmet=fhir) as again:
