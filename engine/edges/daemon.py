@@ -14,7 +14,7 @@ import uvicorn
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine.config import Config, ListenerConfig
+from engine.config import Config, ConfigError, ListenerConfig
 from engine.edges.http_app import build_app
 from engine.edges.mllp_listener import MllpListener
 from engine.edges.normaliser_process import NormaliserProcess
@@ -130,6 +130,7 @@ class Daemon:
         self.normaliser_process: NormaliserProcess | None = None  # separate-process mode
         self.dispatcher: Dispatcher | None = None
         self.mappings: MappingHolder | None = None
+        self.subscriptions: Any = None  # engine.services.subscriptions.SubscriptionManager
         self._reloader: asyncio.Task[None] | None = None
         self.listeners: list[MllpListener] = []
         self.http: _EmbeddedServer | None = None
@@ -177,7 +178,7 @@ class Daemon:
                 self.engine,
                 mappings,
                 self.metrics,
-                sources_from(self.config.mllp.listeners),
+                sources_from(self.config.mllp.listeners, self.config.fhir.sources),
                 self.config.normalizer,
                 reload_seconds=self.config.mappings.reload_seconds,
             )
@@ -221,6 +222,9 @@ class Daemon:
                     ) from None
                 self.listeners.append(listener)
             http_task = await self._start_http()
+            if self.subscriptions is not None:
+                # After HTTP is up: a server answers a new Subscription with a handshake.
+                await self.subscriptions.start()
             schema = await asyncio.to_thread(current_revision, self.engine)
             log.info(
                 "daemon.ready",
@@ -277,12 +281,37 @@ class Daemon:
         log.info("daemon.stopping", signal=sig.name)
         self._stop.set()
 
+    def _fhir_routes(self) -> list[Any]:
+        """The /fhir/r4 endpoints when the config has FHIR sources (else none)."""
+        if not self.config.fhir.sources:
+            return []
+        from engine.edges.fhir_api import fhir_routes
+        from engine.edges.fhir_auth import FhirAuth
+        from engine.edges.fhir_notify import NotifyContext, notify_routes
+        from engine.services.subscriptions import SubscriptionManager
+
+        assert self.engine is not None and self.writer is not None
+        try:
+            auth = FhirAuth.from_config(self.config)
+        except ConfigError as exc:
+            raise StartupError(f"{self.config.source}: fhir.sources: {exc}") from None
+        self.subscriptions = SubscriptionManager(
+            self.config, self.engine, self.writer, self.metrics
+        )
+        notify = notify_routes(
+            NotifyContext(self.config, self.writer, self.metrics, self.subscriptions, auth)
+        )
+        return fhir_routes(
+            self.config, self.writer, self.metrics, self.engine, notify_routes=notify, auth=auth
+        )
+
     async def _start_http(self) -> asyncio.Task[None]:
         app = build_app(
             self.metrics,
             exposition=self.exposition,
             database_ok=self._database_ok,
             listeners_ok=lambda: [(x.cfg.name, x.serving) for x in self.listeners],
+            extra_routes=self._fhir_routes(),
         )
         cfg = uvicorn.Config(
             app,
@@ -292,6 +321,9 @@ class Daemon:
             access_log=False,
             lifespan="off",
             server_header=False,
+            # The CIDR checks of FHIR sources read the socket's peer: never a header a
+            # client on loopback could set.
+            proxy_headers=False,
         )
         try:
             host = self.config.http.host
@@ -333,6 +365,8 @@ class Daemon:
         for listener in self.listeners:
             await listener.stop_accepting()
         await asyncio.gather(*(x.drain(DRAIN_SECONDS) for x in self.listeners))
+        if self.subscriptions is not None:
+            await self.subscriptions.stop()
         if self.http is not None:
             self.http.should_exit = True
         if http_task is not None:

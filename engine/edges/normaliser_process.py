@@ -210,7 +210,7 @@ async def _child(config: Config, wake: Connection, report: Connection) -> None:
         engine,
         mappings,
         metrics,
-        sources_from(config.mllp.listeners),
+        sources_from(config.mllp.listeners, config.fhir.sources),
         config.normalizer,
         reload_seconds=config.mappings.reload_seconds,
         share_cpu=False,  # this process has no listeners to yield to

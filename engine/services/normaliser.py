@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
-from engine.config import ListenerConfig, NormalizerConfig
+from engine.config import FhirSourceConfig, ListenerConfig, NormalizerConfig
 from engine.domain.correlation import Key
 from engine.domain.events import CanonicalEvent, Diagnostic, Normalised, Outcome, event_id
 from engine.domain.projection import LoggedEvent, Referral, replay
@@ -96,12 +97,24 @@ class Source:
     default_charset: str = "utf-8"
 
 
-def sources_from(listeners: Sequence[ListenerConfig]) -> dict[str, Source]:
-    return {x.name: Source(x.mappings, x.default_charset) for x in listeners}
+def sources_from(
+    listeners: Sequence[ListenerConfig], fhir: Sequence[FhirSourceConfig] = ()
+) -> dict[str, Source]:
+    """Every place a message can come from: MLLP listeners and FHIR sources."""
+    out = {x.name: Source(x.mappings, x.default_charset) for x in listeners}
+    out.update({x.name: Source(x.mappings) for x in fhir})
+    return out
+
+
+#: ``messages.message_type`` of a stored FHIR resource: ``FHIR:ServiceRequest`` …
+FHIR_PREFIX = "FHIR:"
 
 
 def normalise_message(mapping_set: MappingSet, m: StoredMessage, source: Source) -> Normalised:
-    """Decode and normalise one stored message; never raises (a failure is the result)."""
+    """Decode and normalise one stored message (HL7 v2, or a FHIR resource stored by the
+    FHIR endpoints); never raises (a failure is the result)."""
+    if (m.message_type or "").startswith(FHIR_PREFIX):
+        return _normalise_resource(mapping_set, m, source)
     try:
         text = decode(m.raw, codec_for(m.charset or "", source.default_charset))
     except HeaderError as exc:
@@ -117,6 +130,27 @@ def normalise_message(mapping_set: MappingSet, m: StoredMessage, source: Source)
             error=type(exc).__name__,
             at=f"{where.filename}:{where.lineno}" if where else "",
         )
+        return _failed(
+            mapping_set,
+            "mapping_crashed",
+            f"normalisation raised {type(exc).__name__}; see the log line "
+            "normaliser.mapping.crashed for where",
+        )
+
+
+def _normalise_resource(mapping_set: MappingSet, m: StoredMessage, source: Source) -> Normalised:
+    try:
+        resource = json.loads(m.raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return _failed(mapping_set, "undecodable", "the stored FHIR resource is not JSON")
+    if not isinstance(resource, dict):
+        return _failed(mapping_set, "undecodable", "the stored FHIR resource is not an object")
+    try:
+        return mapping_set.normalise_resource(
+            resource, received_at=m.received_at, overlay=source.overlay
+        )
+    except Exception as exc:  # a mapping bug must cost this message only
+        log.error("normaliser.mapping.crashed", message_id=m.id, error=type(exc).__name__)
         return _failed(
             mapping_set,
             "mapping_crashed",
