@@ -14,9 +14,12 @@ refloop-pg / hl7-pg ratio, and PASS/MISS against the issue's targets. Then (unle
 ``--no-normalise``) it measures normalisation with bench/normalise.py on SQLite and on
 PostgreSQL (the local server, ``--pg``): the normaliser's drain rate, a full-rate run
 (backlog, drain time after the last ACK, received -> committed p50/p99) and paced runs
-at fixed offered rates (does the backlog stay bounded?). Results go to bench/results/
-as JSON lines + markdown. Exit status is 0 whatever the figures are; it is non-zero
-only when the harness itself failed. See bench/README.md.
+at fixed offered rates (does the backlog stay bounded?). Then (unless ``--no-deliver``)
+the outbound side with bench/deliver.py, on the same two databases: referral packets
+through the ``mllp`` channel to a local MLLP sink (deliveries/s, ACK -> delivery
+p50/p95/p99/max at paced rates and in a burst, where the time went, /metrics).
+Results go to bench/results/ as JSON lines + markdown. Exit status is 0 whatever the
+figures are; it is non-zero only when the harness itself failed. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="bench/run.py",
         description="refloop (PostgreSQL, SQLite) vs the shared HL7 MLLP peers.",
         epilog="Environment defaults: BENCH_QUICK=1, BENCH_REPS, BENCH_CONNS, BENCH_PEERS, "
-        "BENCH_VARIANTS, BENCH_NO_NORMALISE=1, BENCH_PG, BENCH_PACED_RATE; run_peers.sh "
+        "BENCH_VARIANTS, BENCH_NO_NORMALISE=1, BENCH_NO_DELIVER=1, BENCH_PG, BENCH_PACED_RATE; "
+        "run_peers.sh "
         "knobs (N, DUR, WARM, TIMEOUT_MS, HL7BENCH_TMP, ...) "
         "pass through, except that --quick sets N/DUR itself.",
     )
@@ -138,9 +142,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "unless --paced-rate names it)",
     )
     ap.add_argument(
+        "--no-deliver",
+        action="store_true",
+        default=env_flag("BENCH_NO_DELIVER"),
+        help="skip the outbound measurements (bench/deliver.py)",
+    )
+    ap.add_argument(
+        "--deliver-only",
+        action="store_true",
+        help="only the outbound measurements (no run_peers.sh, no normaliser part)",
+    )
+    ap.add_argument(
         "--pg",
         default=os.environ.get("BENCH_PG"),
-        help="PostgreSQL for the normaliser measurements (a schema is made and dropped; "
+        help="PostgreSQL for the normaliser and outbound measurements (a schema is made and "
+        "dropped; "
         "default the local server postgresql://postgres@127.0.0.1:5432/test, skipped with "
         "a note if it does not answer)",
     )
@@ -200,6 +216,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         ap.error("--foundation-rate must be > 0")
     if args.no_normalise and args.normalise_only:
         ap.error("--no-normalise and --normalise-only exclude each other")
+    if args.no_deliver and args.deliver_only:
+        ap.error("--no-deliver and --deliver-only exclude each other")
+    if args.normalise_only and args.deliver_only:
+        ap.error("--normalise-only and --deliver-only exclude each other")
+    # What runs: the peer table unless an --*-only names one part; each part unless
+    # skipped or another part was named alone.
+    args.run_peers = not (args.normalise_only or args.deliver_only)
+    args.run_normalise = not (args.no_normalise or args.deliver_only)
+    args.run_deliver = not (args.no_deliver or args.normalise_only)
     return args
 
 
@@ -505,6 +530,16 @@ def normalise_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [*_normalise_module().report_lines(norm), ""]
 
 
+def deliver_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The outbound section, when the rows hold one (``{"kind": "deliver"}``)."""
+    res = next((r for r in rows if r.get("kind") == "deliver"), None)
+    if res is None:
+        return []
+    if res.get("skipped"):
+        return ["## Outbound", "", f"Not measured: {res['skipped']}", ""]
+    return [*_bench_module("deliver").report_lines(res), ""]
+
+
 def _normalise_module() -> Any:
     """bench/normalise.py, imported only when needed (it imports the engine)."""
     if str(BENCH) not in sys.path:
@@ -514,11 +549,20 @@ def _normalise_module() -> Any:
     return normalise
 
 
+def _bench_module(name: str) -> Any:
+    """bench/<name>.py, imported only when needed (it imports the engine)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import importlib
+
+    return importlib.import_module(name)
+
+
 def report(rows: list[dict[str, Any]], jsonl: Path, bench_meta: dict[str, Any]) -> str:
     cells = summarize(rows)
-    norm = normalise_lines(rows)
+    norm = normalise_lines(rows) + deliver_lines(rows)
     if not any(k[0].startswith("refloop-") for k in cells):
-        if norm:  # --normalise-only
+        if norm:  # --normalise-only / --deliver-only
             head = [
                 f"# refloop bench {bench_meta.get('date', '')}",
                 "",
@@ -591,6 +635,34 @@ def measure_normaliser(args: argparse.Namespace, rows: Sequence[dict[str, Any]])
     return out
 
 
+# -- outbound ---------------------------------------------------------------------------
+
+
+def measure_deliver(args: argparse.Namespace) -> dict[str, Any]:
+    """bench/deliver.py's measure() on SQLite and on PostgreSQL (as for the normaliser:
+    the local server unless --pg / BENCH_PG names another; the default is skipped with a
+    note if it does not answer, an explicit one that does not answer is a failure)."""
+    deliver = _bench_module("deliver")
+    normalise = _normalise_module()
+    pg: str | None = args.pg or normalise.DEFAULT_PG
+    why = normalise.pg_reachable(pg)
+    note = None
+    if why is not None:
+        if args.pg:
+            raise HarnessError(f"--pg {args.pg}: {why}")
+        note = f"PostgreSQL {pg} does not answer ({why}): SQLite only"
+        log(f"outbound: {note}")
+        pg = None
+    plan = deliver.QUICK if args.quick else deliver.Plan()
+    try:
+        out = deliver.measure(pg, plan, progress=lambda m: log(f"outbound: {m}"))
+    except Exception as exc:
+        raise HarnessError(f"outbound measurements failed: {type(exc).__name__}: {exc}") from exc
+    if note:
+        out["note"] = note
+    return out
+
+
 # -- main --------------------------------------------------------------------------------
 
 
@@ -608,7 +680,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         rows: list[dict[str, Any]] = []
         run_peers_results = None
-        if not args.normalise_only:
+        if args.run_peers:
             out = run_peers(args, state)
             rows = relabel(read_jsonl(out.results), out.ports)
             run_peers_results = str(out.results)
@@ -639,12 +711,18 @@ def main(argv: Sequence[str]) -> int:
             text = write(rows)
             # stdout: the figures and targets (the markdown file also has run_peers' table).
             print(text.split("## run_peers summarize.py")[0].rstrip(), flush=True)
-        if not args.no_normalise:
+        if args.run_normalise:
             norm = measure_normaliser(args, rows)
             rows.append(norm)
             bench_meta["wall_s"] = round(time.monotonic() - started, 1)
             write(rows)
             print("\n" + "\n".join(normalise_lines([norm])).rstrip())
+        if args.run_deliver:
+            outbound = measure_deliver(args)
+            rows.append(outbound)
+            bench_meta["wall_s"] = round(time.monotonic() - started, 1)
+            write(rows)
+            print("\n" + "\n".join(deliver_lines([outbound])).rstrip(), flush=True)
         print(f"\nresults: {jsonl}\n         {md}")
         log(f"done in {time.monotonic() - started:.0f} s")
         return 0

@@ -318,7 +318,10 @@ def _replay(
     wanted = [i for i, s in chosen if s in REPLAYABLE]
     loaded, route = mapping_set
     processor = Processor(
-        engine, lambda: loaded, sources_from(config.mllp.listeners, config.fhir.sources), router=lambda: route
+        engine,
+        lambda: loaded,
+        sources_from(config.mllp.listeners, config.fhir.sources),
+        router=lambda: route,
     )
     types: dict[int, str | None] = {}
     batch = config.normalizer.batch_size

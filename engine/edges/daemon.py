@@ -290,7 +290,8 @@ class Daemon:
         from engine.edges.fhir_notify import NotifyContext, notify_routes
         from engine.services.subscriptions import SubscriptionManager
 
-        assert self.engine is not None and self.writer is not None
+        assert self.engine is not None
+        assert self.writer is not None
         try:
             auth = FhirAuth.from_config(self.config)
         except ConfigError as exc:

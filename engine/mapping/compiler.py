@@ -507,7 +507,7 @@ class Compiler:
                     here_op = (*at, op, i) if isinstance(data[op], list) else (*at, op)
                     self.fail(
                         here_op,
-                        f"{code!r} is not a code of {path.text} ({', '.join(path.codes)})",
+                        f"{code!r} is not a code of {path.label} ({', '.join(path.codes)})",
                     )
         if op == "in_valueset":
             if translate:

@@ -115,6 +115,7 @@ class FhirPath:
     head: str = ""  # the top-level element it reads (for the unread-elements report)
     codes: tuple[str, ...] = ()  # the leaf's required-binding codes, when known
     resource_id: bool = False  # the resource's own logical id (``id``)
+    label: str = ""  # the element it ends on, for messages: Task.status, Identifier.use
     absolute: bool = False  # FHIR paths have no foreach scope: always the whole resource
 
     @property
@@ -311,6 +312,7 @@ def compile_fhirpath(text: str, resource_type: str) -> FhirPath:
         head=head,
         codes=got.codes,
         resource_id=len(steps) == 1 and head == "id",
+        label=got.label,
     )
 
 

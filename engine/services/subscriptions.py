@@ -79,6 +79,7 @@ from engine.protocol.fhir_notify import (
     Notification,
     NotificationError,
     Reference,
+    last_updated,
     missing_events,
     next_last_seen,
     next_link,
@@ -105,7 +106,7 @@ LEASE = timedelta(minutes=2)
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 300.0
 #: A reconciliation reads at most this many pages (of PAGE_SIZE) per run; the rest is
-#: picked up by the next run, which starts from what this one stored.
+#: left to a follow-up that starts from the newest ``meta.lastUpdated`` this run saw.
 MAX_PAGES = 200
 PAGE_SIZE = 100
 #: Statuses after which a server no longer notifies: the Subscription is requested again.
@@ -287,8 +288,12 @@ class SubscriptionManager:
         metrics: Metrics,
         *,
         clock: Callable[[], datetime] | None = None,
+        page_size: int = PAGE_SIZE,
+        max_pages: int = MAX_PAGES,
     ) -> None:
         self.config = config
+        self.page_size = page_size
+        self.max_pages = max_pages
         self.engine = engine
         self.writer = writer
         self.metrics = metrics
@@ -845,10 +850,11 @@ class SubscriptionManager:
         since = followup.since or (self.clock() - SKEW)
         path, params = reconcile_request(followup.target, since)
         url: str | None = path
-        query: list[tuple[str, str]] | None = [*params, ("_count", str(PAGE_SIZE))]
+        query: list[tuple[str, str]] | None = [*params, ("_count", str(self.page_size))]
         found = stored = invalid = 0
         pages = 0
-        while url is not None and pages < MAX_PAGES:
+        latest: datetime | None = None
+        while url is not None and pages < self.max_pages:
             response = await server.request("GET", url, params=query)
             if response.status_code != 200:
                 raise ServerError(
@@ -858,6 +864,10 @@ class SubscriptionManager:
             matches = search_matches(bundle)
             found += len(matches)
             for resource in matches:
+                stamp = last_updated(resource)
+                latest = (
+                    stamp if stamp is not None and (latest is None or stamp > latest) else latest
+                )
                 ok = await self._accept(
                     source, [(resource, compact(resource))], server.peer, what="reconcile"
                 )
@@ -867,6 +877,11 @@ class SubscriptionManager:
             link = next_link(bundle)
             url = link if link is not None and server.same_origin(link) else None
             query = None  # a next link carries its own query
+        if url is not None:
+            # Sorted by _lastUpdated: the next run goes on from the newest seen so far.
+            await asyncio.to_thread(
+                self._continue, followup, latest if latest is not None else since
+            )
         outcome = "invalid" if invalid else "ok"
         self.metrics.fhir_reconciliations.labels(source.name, outcome).inc()
         log.info(
@@ -878,6 +893,23 @@ class SubscriptionManager:
             invalid=invalid,
             pages=pages,
         )
+
+    def _continue(self, followup: Followup, since: datetime) -> None:
+        with self.engine.begin() as conn:
+            store.add_followups(
+                conn,
+                [
+                    NewFollowup(
+                        followup.source,
+                        "reconcile",
+                        followup.target,
+                        "continued",
+                        since=since,
+                        subscription_id=followup.subscription_id,
+                    )
+                ],
+                self.clock(),
+            )
 
     async def _accept(
         self,

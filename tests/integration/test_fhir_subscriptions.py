@@ -214,6 +214,7 @@ async def harness(
     background: bool = True,
     clock: Clock | None = None,
     max_body_bytes: int | None = None,
+    **manager_options: Any,
 ) -> AsyncIterator[Harness]:
     url = migrated(f"sqlite:///{tmp_path}/refloop.db")
     port = free_port()
@@ -245,7 +246,7 @@ async def harness(
     writer = GroupCommitWriter(engine, metrics)
     writer.start()
     clock = clock or Clock()
-    manager = SubscriptionManager(config, engine, writer, metrics, clock=clock)
+    manager = SubscriptionManager(config, engine, writer, metrics, clock=clock, **manager_options)
     h = Harness(config, engine, metrics, writer, manager, port, clock)
     try:
         await h.serve()
@@ -530,6 +531,36 @@ async def test_a_skipped_event_number_is_reconciled_against_sekmet(
         assert gaps == [(1, 2)]
         assert h.state(key).last_event_number == 3
         assert h.metric("refloop_fhir_reconciliations_total", source=SOURCE, outcome="ok") == 1
+
+
+async def test_a_long_reconciliation_pages_and_goes_on_later(
+    tmp_path: Path, fhir: SekmetHandle, patient: str
+) -> None:
+    """Pages follow the Bundle's next link; past ``max_pages`` the rest is a new
+    follow-up from the newest lastUpdated seen, so nothing is skipped."""
+    made = [await post(fhir, service_request(patient)) for _ in range(5)]
+    async with harness(tmp_path, sekmet=fhir, background=False, page_size=1, max_pages=2) as h:
+        with h.engine.begin() as conn:
+            store.add_followups(
+                conn,
+                [
+                    store.NewFollowup(
+                        SOURCE,
+                        "reconcile",
+                        f"ServiceRequest?patient={patient}",
+                        "gap",
+                        since=h.clock() - timedelta(minutes=1),
+                    )
+                ],
+                h.clock(),
+            )
+        reasons = []
+        while h.followups():
+            reasons += [f["reason"] for f in h.followups()]
+            assert await h.manager.run_due() == 1
+        assert reasons == ["gap", "continued", "continued"]
+        assert ids_of(h.rows("FHIR:ServiceRequest")) == {m["id"] for m in made}
+        assert h.metric("refloop_fhir_reconciliations_total", source=SOURCE, outcome="ok") == 3
 
 
 async def sekmet_status(fhir: SekmetHandle, server_id: str) -> str:
