@@ -69,16 +69,19 @@ def read_fhir(
     if reader is Reader.INT:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
             return int(value)
         raise BadValue("not a whole number")
     if reader is Reader.DECIMAL:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise BadValue("not a decimal number")
         try:
-            return str(Decimal(str(value).strip()))
+            number = Decimal(str(value).strip())
         except InvalidOperation:
             raise BadValue("not a decimal number") from None
+        if not number.is_finite():
+            raise BadValue("not a decimal number")
+        return str(number)
     if not isinstance(value, str):
         raise BadValue("not a FHIR date or dateTime")
     moment, has_offset = parse_datetime(value)
@@ -213,7 +216,9 @@ def _name(value: Any) -> dict[str, str] | None:
     family = name.get("family")
     if isinstance(family, str) and family.strip():
         out["family"] = family.strip()
-    given = [g.strip() for g in name.get("given") or () if isinstance(g, str) and g.strip()]
+    names = name.get("given")
+    names = names if isinstance(names, list) else []
+    given = [g.strip() for g in names if isinstance(g, str) and g.strip()]
     if given:
         out["given"] = given[0]
     if len(given) > 1:

@@ -15,6 +15,8 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.domain.events import Outcome
 from engine.domain.projection import LoggedEvent, fold
@@ -599,3 +601,127 @@ def test_a_load_error_message_is_a_source_error(tmp_path: Path) -> None:
     err = next(e for e in caught.value.errors if "character 3" in e.message)
     assert isinstance(err, SourceError)
     assert str(err).startswith(f"{tmp_path / MAP}:17:22: expected an element name")
+
+
+# ---- anything a sender may send -------------------------------------------------------
+
+_MARK = "ZZPHI"
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=8).map(lambda t: _MARK + t),
+    # values the mappings look for, so rules fire and readers run
+    st.sampled_from(
+        [
+            "active",
+            "accepted",
+            "booked",
+            "final",
+            "current",
+            "3457005",
+            "11488-4",
+            "PLAC",
+            "5.1.1",
+            "ServiceRequest/sr-1",
+            "Appointment/a-1",
+            "2025-03-04",
+            "2025-03-04T10:12:00Z",
+        ]
+    ),
+)
+_KEYS = st.sampled_from(
+    [
+        "status",
+        "intent",
+        "identifier",
+        "type",
+        "coding",
+        "code",
+        "system",
+        "value",
+        "reference",
+        "category",
+        "subject",
+        "focus",
+        "for",
+        "basedOn",
+        "output",
+        "valueReference",
+        "businessStatus",
+        "start",
+        "authoredOn",
+        "participant",
+        "actor",
+        "given",
+        "context",
+        "related",
+        "docStatus",
+        "relatesTo",
+        "target",
+        "meta",
+        "lastUpdated",
+        "modifierExtension",
+        "doNotPerform",
+        "minutesDuration",
+    ]
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_KEYS, inner, max_size=5)),
+    max_leaves=25,
+)
+
+
+#: One resource per kind that the shipped mappings turn into an event; the property below
+#: overwrites a few of its elements with anything at all.
+_VALID: dict[str, dict[str, Any]] = {
+    "ServiceRequest": {**SERVICE_REQUEST, "authoredOn": "2025-03-04"},
+    "Task": task(
+        businessStatus={"coding": [{"code": "5.1.1"}]},
+        output=[{"valueReference": {"reference": "Appointment/a-1"}}],
+    ),
+    "Appointment": {
+        "resourceType": "Appointment",
+        "id": "a-1",
+        "status": "booked",
+        "start": "2025-03-20T09:30:00Z",
+        "basedOn": [{"reference": "ServiceRequest/sr-1"}],
+        "participant": [{"actor": {"reference": "Patient/p-1"}}],
+    },
+    "DocumentReference": {
+        "resourceType": "DocumentReference",
+        "id": "d-1",
+        "status": "current",
+        "type": {"coding": [{"code": "11488-4"}]},
+        "content": [{"attachment": {"contentType": "text/plain"}}],
+        "context": {"related": [{"reference": "ServiceRequest/sr-1"}]},
+    },
+    "DiagnosticReport": {
+        "resourceType": "DiagnosticReport",
+        "id": "r-1",
+        "status": "final",
+        "code": {"coding": [{"code": "11488-4"}]},
+        "basedOn": [{"reference": "ServiceRequest/sr-1"}],
+    },
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(sorted(_VALID)), body=st.dictionaries(_KEYS, _JSON, max_size=3))
+def test_any_json_is_an_answer_never_a_crash_and_diagnostics_quote_nothing(
+    kind: str, body: dict[str, Any]
+) -> None:
+    resource = {**_VALID[kind], **body, "resourceType": kind}
+    got = SHIPPED.normalise_resource(resource, received_at=NOW, overlay=None)
+    assert got.outcome in (Outcome.PROCESSED, Outcome.IGNORED, Outcome.MAPPING_ERROR)
+    assert got.outcome is not Outcome.PROCESSED or got.events
+    for diag in got.diagnostics:
+        assert _MARK not in diag.message
+
+
+@pytest.mark.parametrize("kind", sorted(_VALID))
+def test_the_valid_bases_make_events(kind: str) -> None:
+    got = SHIPPED.normalise_resource(_VALID[kind], received_at=NOW, overlay=None)
+    assert got.outcome is Outcome.PROCESSED, got.diagnostics
