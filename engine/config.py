@@ -220,8 +220,9 @@ class FhirSourceConfig(_Frozen):
     # as the server reaches it).
     notify_url: str | None = None
     subscriptions: tuple[FhirSubscriptionConfig, ...] = ()
+    # (Timestamps without an offset take the zone of the mappings — the overlay's
+    # source.yaml — as HL7 feeds do.)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
-    timezone: str = "UTC"
 
     @field_validator("allowed_cidrs")
     @classmethod
