@@ -614,19 +614,6 @@ def subscription_status(resource: Any) -> str | None:
     return None
 
 
-def last_updated(resource: Mapping[str, Any]) -> datetime | None:
-    """``meta.lastUpdated`` as an aware datetime, when it is a valid instant."""
-    meta = resource.get("meta")
-    value = meta.get("lastUpdated") if isinstance(meta, Mapping) else None
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
-
-
 def next_link(bundle: Any) -> str | None:
     """The ``next`` page of a searchset Bundle."""
     if not isinstance(bundle, Mapping):

@@ -79,7 +79,6 @@ from engine.protocol.fhir_notify import (
     Notification,
     NotificationError,
     Reference,
-    last_updated,
     missing_events,
     next_last_seen,
     next_link,
@@ -106,7 +105,7 @@ LEASE = timedelta(minutes=2)
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 300.0
 #: A reconciliation reads at most this many pages (of PAGE_SIZE) per run; the rest is
-#: left to a follow-up that starts from the newest ``meta.lastUpdated`` this run saw.
+#: left to a follow-up that starts at the next page.
 MAX_PAGES = 200
 PAGE_SIZE = 100
 #: Statuses after which a server no longer notifies: the Subscription is requested again.
@@ -847,13 +846,20 @@ class SubscriptionManager:
     async def _reconcile(
         self, server: SourceServer, source: FhirSourceConfig, followup: Followup
     ) -> None:
-        since = followup.since or (self.clock() - SKEW)
-        path, params = reconcile_request(followup.target, since)
-        url: str | None = path
-        query: list[tuple[str, str]] | None = [*params, ("_count", str(self.page_size))]
+        url: str | None
+        query: list[tuple[str, str]] | None
+        if "://" in followup.target:
+            # The rest of an earlier run: the page it stopped at.
+            if not server.same_origin(followup.target):
+                log.error("fhir.reconcile.foreign_page", source=source.name)
+                return
+            url, query = followup.target, None
+        else:
+            since = followup.since or (self.clock() - SKEW)
+            path, params = reconcile_request(followup.target, since)
+            url, query = path, [*params, ("_count", str(self.page_size))]
         found = stored = invalid = 0
         pages = 0
-        latest: datetime | None = None
         while url is not None and pages < self.max_pages:
             response = await server.request("GET", url, params=query)
             if response.status_code != 200:
@@ -864,10 +870,6 @@ class SubscriptionManager:
             matches = search_matches(bundle)
             found += len(matches)
             for resource in matches:
-                stamp = last_updated(resource)
-                latest = (
-                    stamp if stamp is not None and (latest is None or stamp > latest) else latest
-                )
                 ok = await self._accept(
                     source, [(resource, compact(resource))], server.peer, what="reconcile"
                 )
@@ -878,10 +880,8 @@ class SubscriptionManager:
             url = link if link is not None and server.same_origin(link) else None
             query = None  # a next link carries its own query
         if url is not None:
-            # Sorted by _lastUpdated: the next run goes on from the newest seen so far.
-            await asyncio.to_thread(
-                self._continue, followup, latest if latest is not None else since
-            )
+            # Not a new _lastUpdated bound: many resources can share one second.
+            await asyncio.to_thread(self._continue, followup, url)
         outcome = "invalid" if invalid else "ok"
         self.metrics.fhir_reconciliations.labels(source.name, outcome).inc()
         log.info(
@@ -892,9 +892,10 @@ class SubscriptionManager:
             stored=stored,
             invalid=invalid,
             pages=pages,
+            more=url is not None,
         )
 
-    def _continue(self, followup: Followup, since: datetime) -> None:
+    def _continue(self, followup: Followup, page: str) -> None:
         with self.engine.begin() as conn:
             store.add_followups(
                 conn,
@@ -902,9 +903,8 @@ class SubscriptionManager:
                     NewFollowup(
                         followup.source,
                         "reconcile",
-                        followup.target,
+                        page,
                         "continued",
-                        since=since,
                         subscription_id=followup.subscription_id,
                     )
                 ],
