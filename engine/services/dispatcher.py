@@ -152,7 +152,9 @@ class DispatchStore(LogConnection):
         sources: dict[str, str] = {}
         for role, mid in (("order", order_id), ("trigger", ev.message_id)):
             if mid is not None and mid in raws:
-                raw, charset = raws[mid]
+                raw, charset, mtype = raws[mid]
+                if mtype.startswith("FHIR:"):
+                    continue  # renderers read HL7 v2 sources; a FHIR one's data is canonical
                 with contextlib.suppress(HeaderError, LookupError, UnicodeDecodeError):
                     sources[role] = decode(raw, codec_for(charset or "", "utf-8"))
         receiver = Party(

@@ -209,7 +209,7 @@ class Outbox(DriverQueries):
             "created_message": "SELECT message_id FROM referral_events WHERE referral_id = "
             f"{m} AND type = 'referral.created' AND message_id IS NOT NULL "
             "ORDER BY sequence LIMIT 1",
-            "raw": f"SELECT id, raw, charset FROM messages WHERE {among('id')}",
+            "raw": f"SELECT id, raw, charset, message_type FROM messages WHERE {among('id')}",
         }
         self.sql["lock"] = "BEGIN IMMEDIATE" if self.sqlite else ""
 
@@ -425,13 +425,14 @@ class Outbox(DriverQueries):
         rows = self._all("created_message", referral_id)
         return int(rows[0][0]) if rows else None
 
-    def raw_messages(self, ids: Iterable[int]) -> dict[int, tuple[bytes, str | None]]:
+    def raw_messages(self, ids: Iterable[int]) -> dict[int, tuple[bytes, str | None, str]]:
+        """``{id: (raw, charset, message type)}`` of stored messages."""
         wanted = [i for i in ids if i is not None]
         if not wanted:
             return {}
         return {
-            int(i): (bytes(raw), charset)
-            for i, raw, charset in self._all("raw", self._list(wanted))
+            int(i): (bytes(raw), charset, mtype or "")
+            for i, raw, charset, mtype in self._all("raw", self._list(wanted))
         }
 
     # -- helpers -------------------------------------------------------------------------

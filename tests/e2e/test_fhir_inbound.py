@@ -15,9 +15,10 @@ import pytest
 from sqlalchemy import select
 
 from engine.store.database import open_engine
-from engine.store.schema import messages, referral_events, referrals
+from engine.store.schema import deliveries, messages, referral_events, referrals
 from tests.conftest import running
 from tests.helpers import free_port, make_config
+from tests.peers.mllp_peer import MllpPeer
 from tests.peers.sekmet import Sekmet, require_sekmet
 
 TOKEN = "e2e-source-token"
@@ -229,3 +230,52 @@ async def test_sekmet_notifications_become_referral_events(
         fhir.stop()
     types = event_types(upgraded_url)
     assert types[:2] == ["referral.created", "referral.accepted"]
+
+
+def delivery_rows(url: str) -> list[Any]:
+    eng = open_engine(url)
+    try:
+        with eng.connect() as conn:
+            return list(conn.execute(select(deliveries)))
+    finally:
+        eng.dispose()
+
+
+@pytest.mark.slow
+async def test_a_fhir_referral_without_a_patient_name_is_dead_lettered_with_the_reason(
+    upgraded_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ServiceRequest names its patient by identifier only; REF^I12 needs PID-5, so
+    the packet is refused before anything is sent, and says why (never with a value)."""
+    monkeypatch.setenv("REFLOOP_E2E_FHIR_TOKEN", TOKEN)
+    example = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+    port = free_port()
+    async with MllpPeer() as specialist:
+        config = make_config(
+            upgraded_url,
+            http_port=port,
+            listeners=[{"name": "ehr", "host": "127.0.0.1", "port": 0}],
+            fhir={"sources": [source(port)]},
+            outbound={"dir": str(example / "closed-loop")},
+            channels={
+                "specialist": {"type": "mllp", "host": "127.0.0.1", "port": specialist.port},
+                "ehr": {"type": "mllp", "host": "127.0.0.1", "port": free_port()},
+            },
+        )
+        body = (example / "fhir-referral.json").read_bytes()
+        auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": FHIR}
+        async with running(config), httpx.AsyncClient(timeout=10) as client:
+            answer = await client.put(
+                f"http://127.0.0.1:{port}/fhir/r4/ServiceRequest/sr-try-1",
+                content=body,
+                headers=auth,
+            )
+            assert answer.status_code in (200, 201), answer.text
+            [row] = await until(
+                lambda: [r for r in delivery_rows(upgraded_url) if r.status == "dead"]
+            )
+        assert specialist.messages == []
+    assert row.format == "hl7v2.ref_i12"
+    assert "PID-5" in row.last_error
+    assert "SYNTH-0042" not in row.last_error
+    assert referral(upgraded_url).placer_order_number == "FHIR-2001"
