@@ -198,6 +198,17 @@ class FhirSubscriptionConfig(_Frozen):
     # A subscription silent for longer than this (no event, no heartbeat) is reported.
     heartbeat_seconds: int = Field(default=300, ge=10)
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> FhirSubscriptionConfig:
+        if (self.criteria is None) == (self.topic is None):
+            raise ValueError(
+                "a subscription names exactly one of criteria (R4 rest-hook, e.g. "
+                "'Task?status=completed') or topic (a Backport SubscriptionTopic URL)"
+            )
+        if self.filter is not None and self.topic is None:
+            raise ValueError("filter goes with topic (Backport); put R4 filters in criteria")
+        return self
+
 
 class FhirSourceConfig(_Frozen):
     """A system that writes FHIR to refloop (REST writes, subscription notifications)."""
@@ -238,6 +249,11 @@ class FhirSourceConfig(_Frozen):
             raise ValueError(
                 "a FHIR source needs a credential: set token (bearer) or hmac_secret, "
                 "each {env = ...} or {file = ...}"
+            )
+        if self.subscriptions and (self.server is None or self.notify_url is None):
+            raise ValueError(
+                "subscriptions need server (the source's FHIR server, a [channels.<name>] "
+                "of type fhir) and notify_url (where that server calls us back)"
             )
         return self
 

@@ -312,3 +312,38 @@ def test_resolve_is_relative_to_the_config_file(tmp_path: Path) -> None:
     assert isinstance(cfg, Config)
     assert cfg.resolve(Path("tls/cert.pem")) == tmp_path / "etc" / "tls" / "cert.pem"
     assert cfg.resolve(Path("/abs/cert.pem")) == Path("/abs/cert.pem")
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ({"name": "f"}, "needs a credential"),
+        (
+            {
+                "name": "f",
+                "token": {"env": "T"},
+                "subscriptions": [{"resource": "Task", "criteria": "Task?"}],
+            },
+            "subscriptions need server",
+        ),
+        (
+            {
+                "name": "f",
+                "token": {"env": "T"},
+                "subscriptions": [{"resource": "Task", "criteria": "Task?", "topic": "http://t"}],
+            },
+            "exactly one of criteria",
+        ),
+        (
+            {"name": "f", "token": {"env": "T"}, "subscriptions": [{"resource": "Task"}]},
+            "exactly one of criteria",
+        ),
+    ],
+)
+def test_fhir_source_mistakes_are_refused_with_what_to_fix(
+    source: dict[str, object], expected: str
+) -> None:
+    from engine.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=expected):
+        parse_config({"fhir": {"sources": [source]}}, Path("t.toml"))
