@@ -62,6 +62,7 @@ import math
 import os
 import pstats
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ from engine.protocol.hl7v2 import HeaderError, parse_header  # noqa: E402
 from engine.protocol.mllp import Frame, FrameDecoder, encode  # noqa: E402
 from engine.services.dispatcher import DispatchStore, Outcome, control_id  # noqa: E402
 from engine.store.database import open_engine, upgrade  # noqa: E402
+from engine.store.eventlog import EventLog  # noqa: E402
 from engine.store.schema import deliveries as deliveries_table  # noqa: E402
 from tests.helpers import MAPPINGS, free_port  # noqa: E402
 from tests.loop_messages import orm  # noqa: E402
@@ -228,6 +230,7 @@ class Sink:
             raise RuntimeError("the MLLP sink did not start")
         self.ports = {k: int(v) for k, v in (p.split("=") for p in first[1:])}
         self.arrivals: list[Arrival] = []
+        self._counts: Counter[str] = Counter()
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="sink-reader", daemon=True)
         self._reader.start()
@@ -240,16 +243,17 @@ class Sink:
                 a = Arrival(parts[1], float(parts[2]), parts[3], parts[4], parts[5])
                 with self._cond:
                     self.arrivals.append(a)
+                    self._counts[a.listener] += 1
                     self._cond.notify_all()
 
     def count(self, listener: str) -> int:
         with self._cond:
-            return sum(1 for a in self.arrivals if a.listener == listener)
+            return self._counts[listener]
 
     def wait_for(self, listener: str, n: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while sum(1 for a in self.arrivals if a.listener == listener) < n:
+            while self._counts[listener] < n:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -337,13 +341,13 @@ def write_config(
         }
     for section, values in (overrides or {}).items():
         sections.setdefault(section, {}).update(values)
-    text_ = "".join(
+    toml_text = "".join(
         f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
         for name, values in sections.items()
     )
-    text_ += f'[[mllp.listeners]]\nname = "ehr"\nhost = "127.0.0.1"\nport = {port}\n'
+    toml_text += f'[[mllp.listeners]]\nname = "ehr"\nhost = "127.0.0.1"\nport = {port}\n'
     path = workdir / f"deliver-{port}.toml"
-    path.write_text(text_)
+    path.write_text(toml_text)
     return DaemonConfig(path, port, http)
 
 
@@ -492,14 +496,14 @@ def summary(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def read_metrics(text: str) -> dict[str, Any]:
+def read_metrics(page: str) -> dict[str, Any]:
     """The outbound families of one /metrics page: attempts by channel and outcome, and
     time in the channel per channel (count, mean, p50/p99 interpolated in the buckets)."""
     attempts: dict[str, dict[str, float]] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(page):
         for s in family.samples:
             channel = s.labels.get("channel", "")
             if s.name == "refloop_deliveries_total" and s.value:
@@ -528,10 +532,10 @@ def wait_metrics(d: nb.Daemon, channel: str, expected: int, timeout: float = 10.
     packet: wait until /metrics counts every delivery (or ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
-        text = d.metrics()
-        done = sum(read_metrics(text)["deliveries_total"].get(channel, {}).values())
+        page = d.metrics()
+        done = sum(read_metrics(page)["deliveries_total"].get(channel, {}).values())
         if done >= expected or time.monotonic() > deadline:
-            return text
+            return page
         time.sleep(0.1)
 
 
@@ -880,6 +884,63 @@ def phases(url: str, n: int, workdir: Path) -> dict[str, Any]:
         return asyncio.run(_phases(url, cfg.path, n))
 
 
+def claim_plan(url: str, n: int, workdir: Path, *, looks: int = 200) -> dict[str, Any]:
+    """PostgreSQL: the dispatcher's claim query ("due") over ``n`` queued packets, before
+    and after ``ANALYZE deliveries``: EXPLAIN ANALYZE's execution time and plan, and the
+    mean of ``looks`` claims of one packet each (each finished at once, as the daemon
+    claims one packet per freed slot)."""
+    with Sink() as sink:
+        enqueue(url, n, workdir, sink, "E")
+    engine = open_engine(url)
+    raw = engine.raw_connection()
+    out: dict[str, Any] = {"packets": n}
+    try:
+        log_ = EventLog(raw.driver_connection, "postgresql")
+        ob = log_.outbox
+        cur = raw.driver_connection.cursor()
+        for label in ("no_statistics", "analyzed"):
+            if label == "analyzed":
+                cur.execute("ANALYZE deliveries")
+                raw.driver_connection.commit()
+            cur.execute(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + ob.sql["due"],
+                (datetime.now(UTC), ["specialist"], 4),
+            )
+            plan = cur.fetchone()[0][0]
+            raw.driver_connection.rollback()
+            took: list[float] = []
+            for _ in range(looks):
+                t = time.perf_counter()
+                got = ob.claim(datetime.now(UTC), "bench-explain", 1, ["specialist"])
+                took.append(time.perf_counter() - t)
+                for d in got:
+                    ob.begin()
+                    ob.finish(d.id, "delivered", datetime.now(UTC))
+                    ob.commit()
+            took.sort()
+            out[label] = {
+                "explain_ms": plan["Execution Time"],
+                "plan": _plan_lines(plan["Plan"]),
+                "claim_mean_ms": 1000 * statistics.fmean(took),
+                "claim_p50_ms": 1000 * took[len(took) // 2],
+            }
+    finally:
+        raw.close()
+        engine.dispose()
+    return out
+
+
+def _plan_lines(node: dict[str, Any], depth: int = 0) -> list[str]:
+    """EXPLAIN's JSON tree as short lines: node type, index, actual rows x loops."""
+    what = " ".join(x for x in (node.get("Join Type", ""), node["Node Type"]) if x and x != "Inner")
+    what += f" using {node['Index Name']}" if "Index Name" in node else ""
+    rows = f"{node.get('Actual Rows', '?')} rows x {node.get('Actual Loops', '?')}"
+    out = [f"{'  ' * depth}{what} ({rows})"]
+    for child in node.get("Plans", []):
+        out += _plan_lines(child, depth + 1)
+    return out
+
+
 # -- everything, for make bench ----------------------------------------------------------------
 
 
@@ -1175,6 +1236,14 @@ def main() -> None:
         metavar="S",
         help="PostgreSQL: ANALYZE deliveries every S seconds during the runs (diagnostic)",
     )
+    ap.add_argument(
+        "--explain",
+        type=int,
+        default=None,
+        metavar="N",
+        help="PostgreSQL only: the claim query's plan and cost over N queued packets, "
+        "without and with statistics, instead of the runs",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     base = QUICK if args.quick else Plan()
@@ -1184,6 +1253,25 @@ def main() -> None:
         note = f"PostgreSQL {pg} does not answer ({why}): SQLite only"
         log(note)
         pg = None
+    if args.explain:
+        if pg is None:
+            ap.error("--explain needs PostgreSQL")
+        with (
+            tempfile.TemporaryDirectory() as tmp_,
+            nb.fresh_database("postgresql", pg, Path(tmp_)) as url,
+        ):
+            found = claim_plan(url, args.explain, Path(tmp_))
+        for label in ("no_statistics", "analyzed"):
+            r = found[label]
+            print(
+                f"{label}: claim query {r['explain_ms']:.2f} ms (EXPLAIN ANALYZE) over "
+                f"{found['packets']} queued; a claim of 1, mean {r['claim_mean_ms']:.2f} ms "
+                f"(p50 {r['claim_p50_ms']:.2f})"
+            )
+            print("\n".join(f"    {line}" for line in r["plan"]))
+        if args.json:
+            args.json.write_text(json.dumps(found, indent=1))
+        return
     plan = Plan(
         rates=args.rate if args.rate is not None else base.rates,
         seconds=args.seconds or base.seconds,
