@@ -546,6 +546,7 @@ class NormaliserWorker:
         next_gauges = last_gauges = 0.0
         next_reload = clock() + self.reload_seconds
         backoff = 0.0
+        busy_wait = 0.005
         ttl = timedelta(seconds=self.config.parked_ttl_seconds)
         while not self._stopping:
             self._woken = False
@@ -576,11 +577,14 @@ class NormaliserWorker:
                 backoff = min(max(backoff * 2, 0.5), self.MAX_BACKOFF)
                 log.error("normaliser.failed", error=type(exc).__name__, retry_in_seconds=backoff)
                 await self._call(self.processor.drop)
+            # The turn is often the dispatcher recording one outcome (milliseconds): try
+            # again soon, then less and less often, up to the poll interval (a replica).
+            busy_wait = min(busy_wait * 2, self.config.poll_seconds) if busy else 0.005
             if backoff or busy:
-                # After a failure, or while another replica holds the turn, commits do
-                # not wake us (each would cost a futile attempt): only the timer does.
+                # After a failure, or while another holds the turn, commits do not wake
+                # us (each would cost a futile attempt): only the timer does.
                 self._woken = True
-                timeout = backoff or self.config.poll_seconds
+                timeout = backoff or busy_wait
             else:
                 timeout = max(0.0, min(self.config.poll_seconds, next_reload - clock()))
             with contextlib.suppress(TimeoutError):
