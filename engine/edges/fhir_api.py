@@ -26,10 +26,11 @@ entries and answers each bad one in the batch-response. The writer commits a
 transaction's rows together when they are queued together, but not atomically: a
 storage failure half way answers 503 with some rows stored (a resend of those is a
 duplicate when they carry a version id or If-None-Exist). An entry is stored as its
-resource re-serialised compactly (a decimal like ``1.50`` then reads ``1.5``); its
-``fullUrl`` is not kept, so ``urn:uuid:`` references between entries do not resolve
-from the stored rows. Entries may carry any R4 resource type (a referral Bundle brings
-its Patient and Practitioners); the mappings decide what each one means.
+resource re-serialised compactly (a decimal like ``1.50`` then reads ``1.5``), its
+references to other entries made self-standing, and the Bundle itself is kept byte for
+byte as a ``FHIR:Bundle`` row (:func:`engine.services.fhir_intake.prepare_bundle`).
+Entries may carry any R4 resource type (a referral Bundle brings its Patient and
+Practitioners); the mappings decide what each one means.
 
 Reads (the facade for EHRs that poll, any source's credential): ``GET
 /fhir/r4/ServiceRequest/<referral id>`` and ``GET /fhir/r4/Task?based-on=
@@ -64,7 +65,6 @@ from engine.protocol.fhir import (
     FhirJsonError,
     Issue,
     bundle_entries,
-    compact,
     error,
     is_id,
     known_type,
@@ -72,7 +72,14 @@ from engine.protocol.fhir import (
     parse_resource,
     validate,
 )
-from engine.services.fhir_intake import KEPT_HEADERS, Prepared, Result, prepare, store
+from engine.services.fhir_intake import (
+    KEPT_HEADERS,
+    Prepared,
+    Result,
+    prepare,
+    prepare_bundle,
+    store,
+)
 from engine.services.writer import GroupCommitWriter, StorageUnavailable
 from engine.store.fhir_read import ReferralView, message_control_id, referral_view
 
@@ -251,20 +258,19 @@ class FhirApi:
         if check.kind == "transaction" and bad:
             status = 422 if all(e.status == 422 for e in bad) else 400
             raise _Refused(status, [i for e in bad for i in e.issues], "invalid")
-        kept = _kept(request.headers)
-        prepared: dict[int, Prepared] = {}
-        for entry in check.entries:
-            if entry.ok and entry.resource is not None:
-                prepared[entry.index] = prepare(
-                    source.name,
-                    entry.resource,
-                    compact(entry.resource),
-                    peer=_peer(request),
-                    received_at=received_at,
-                    headers={**kept, "bundle-entry": f"{check.kind} {entry.index}"},
-                    if_none_exist=entry.if_none_exist if entry.method == "POST" else None,
-                )
-        results = dict(zip(prepared, await self._store(list(prepared.values())), strict=True))
+        rows = prepare_bundle(
+            source.name,
+            bundle,
+            body,
+            check,
+            peer=_peer(request),
+            received_at=received_at,
+            headers=_kept(request.headers),
+        )
+        # The Bundle's own row is a record: it is stored with the entries (a 2xx keeps
+        # what was sent) but the entries alone decide the answer.
+        _, *stored_entries = await self._store([rows.record, *rows.entries.values()])
+        results = dict(zip(rows.entries, stored_entries, strict=True))
         conflicts = [(n, r) for n, r in results.items() if r.kind == "conflict"]
         if check.kind == "transaction" and conflicts:
             issues = [_conflict_issue(r, f"Bundle.entry[{n}].resource") for n, r in conflicts]

@@ -20,6 +20,12 @@ PHI; an issue names *where* and *what was expected*, never the value):
    :class:`Entry` per ``entry`` (POST or PUT of a resource), each with its own issues,
    so a batch can accept the good entries and a transaction can refuse them all.
 
+An entry is stored on its own, away from its Bundle, so a reference to another entry
+(``urn:uuid:…``, or that entry's ``fullUrl``) would name nothing once stored:
+:func:`link_entries` rewrites such references the way a FHIR server resolves them — to
+``Type/id`` when the target has an id — and makes them logical as well (``type``, and
+the target's identifier), which the mappings read when no id was sent.
+
 What identifies a resource version: :func:`dedup_key` (the source, the type and id,
 ``meta.versionId``; or the source and a conditional create's ``If-None-Exist``),
 :func:`control_id` and :func:`location`. A resource created without an id gets
@@ -33,7 +39,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
@@ -546,3 +552,135 @@ def _entry(n: int, raw: Any, shell_issues: list[Issue]) -> Entry:
         return Entry(n, method, resource, ine, (problem,), 400, url_id or None)
     issues = validate(resource, base=f"{at}.resource")
     return Entry(n, method, resource, ine, tuple(issues), 422 if issues else 201, url_id or None)
+
+
+# -- Bundle-local references --------------------------------------------------------
+
+#: A relative literal reference, ``Type/id``.
+_RELATIVE = re.compile(r"(?P<type>[A-Z][A-Za-z]{0,63})/(?P<id>[A-Za-z0-9\-.]{1,64})")
+#: A RESTful absolute URL, ``<base>/Type/id``: the base relative references resolve on.
+_RESTFUL = re.compile(r"(?P<base>.+)/[A-Z][A-Za-z]{0,63}/[A-Za-z0-9\-.]{1,64}")
+#: What of a target's identifier a reference carries (``assigner`` is a reference of
+#: its own, perhaps Bundle-local too, and matches nothing).
+_IDENTIFIER_PARTS = ("use", "type", "system", "value", "period")
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    resource_type: str
+    id: str | None
+    identifier: dict[str, Any] | None
+
+
+def link_entries(
+    bundle: Mapping[str, Any], *, targets: Collection[int] | None = None
+) -> list[dict[str, Any] | None]:
+    """Each entry's resource with its references to other entries made self-standing.
+
+    A ``Reference`` anywhere in an entry's resource (extensions included; contained and
+    other nested resources aside: their references resolve in their own context) whose
+    ``reference`` is the ``fullUrl`` of an entry — a ``urn:uuid:``, or a relative
+    ``Type/id`` that the referencing entry's RESTful ``fullUrl`` resolves to one
+    (FHIR's Bundle resolution rules) — gets
+
+    * ``reference = "Type/id"`` when the target resource has an id (else it stays);
+    * ``type`` = the target's resourceType;
+    * ``identifier`` = the target's (a Patient's typed ``MR`` first, else its first),
+
+    never overwriting a ``type`` or ``identifier`` the sender wrote. Only entries whose
+    index is in ``targets`` are targets (default: all); a ``fullUrl`` two entries share
+    names neither. Returns one item per ``Bundle.entry`` (None where an entry carries no
+    resource object); the Bundle itself is not modified. Pure, and it never raises.
+    """
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return []
+    found: dict[str, _Target | None] = {}
+    for n, raw in enumerate(entries):
+        resource = _resource_of(raw)
+        url = raw.get("fullUrl") if isinstance(raw, dict) else None
+        if resource is None or not isinstance(url, str) or not url.strip():
+            continue
+        if targets is not None and n not in targets:
+            continue
+        key = url.strip()
+        found[key] = None if key in found else _target(resource)
+    known = {url: t for url, t in found.items() if t is not None}
+    out: list[dict[str, Any] | None] = []
+    for raw in entries:
+        resource = _resource_of(raw)
+        if resource is None:
+            out.append(None)
+            continue
+        url = raw.get("fullUrl")
+        restful = _RESTFUL.fullmatch(url.strip()) if isinstance(url, str) else None
+        base = restful.group("base") if restful else None
+        try:
+            linked = _linked(resource, known, base, top=True)
+        except RecursionError:  # too deep to walk: validation refuses such a resource
+            linked = resource
+        out.append(dict(linked))
+    return out
+
+
+def _resource_of(entry: Any) -> dict[str, Any] | None:
+    resource = entry.get("resource") if isinstance(entry, dict) else None
+    if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
+        return resource
+    return None
+
+
+def _target(resource: Mapping[str, Any]) -> _Target:
+    rtype = str(resource["resourceType"])
+    return _Target(rtype, resource_id(resource), _identifier_of(rtype, resource.get("identifier")))
+
+
+def _identifier_of(resource_type: str, value: Any) -> dict[str, Any] | None:
+    items = value if isinstance(value, list) else [value]
+    usable = [
+        i for i in items if isinstance(i, dict) and isinstance(i.get("value"), str) and i["value"]
+    ]
+    if not usable:
+        return None
+    chosen = usable[0]
+    if resource_type == "Patient":
+        chosen = next((i for i in usable if _typed(i, "MR")), chosen)
+    return {k: chosen[k] for k in _IDENTIFIER_PARTS if k in chosen}
+
+
+def _typed(ident: Mapping[str, Any], code: str) -> bool:
+    kind = ident.get("type")
+    codings = kind.get("coding") if isinstance(kind, dict) else None
+    return isinstance(codings, list) and any(
+        isinstance(c, dict) and c.get("code") == code for c in codings
+    )
+
+
+def _linked(value: Any, known: Mapping[str, _Target], base: str | None, *, top: bool) -> Any:
+    """``value`` with its Bundle-local references rewritten; the same object when
+    nothing under it changed."""
+    if isinstance(value, list):
+        items = [_linked(v, known, base, top=False) for v in value]
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    if not isinstance(value, dict) or (not top and "resourceType" in value):
+        return value
+    out = {k: _linked(v, known, base, top=False) for k, v in value.items()}
+    text = value.get("reference")
+    target = _resolve(text, known, base) if isinstance(text, str) else None
+    if target is not None:
+        if target.id is not None:
+            out["reference"] = f"{target.resource_type}/{target.id}"
+        out.setdefault("type", target.resource_type)
+        if target.identifier is not None:
+            out.setdefault("identifier", target.identifier)
+    same = target is None and all(out[k] is value[k] for k in value)
+    return value if same else out
+
+
+def _resolve(text: str, known: Mapping[str, _Target], base: str | None) -> _Target | None:
+    ref = text.strip()
+    if ref in known:
+        return known[ref]
+    if base is not None and _RELATIVE.fullmatch(ref):
+        return known.get(f"{base}/{ref}")
+    return None

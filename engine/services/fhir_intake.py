@@ -18,8 +18,25 @@ the same version arrives with other content, as ``rejected``
 (:func:`engine.protocol.fhir.fhir_conflict`).
 
 The headers that matter (Content-Type, If-None-Exist, If-Match, X-Request-Id and what a
-notification adds) travel in the row as ``headers`` (JSON), ready for a ``headers``
-column; ``messages`` has none yet, so the writer leaves them out.
+notification adds) travel in the row as ``headers`` (JSON, ``messages.headers``).
+
+A transaction or batch Bundle (:func:`prepare_bundle`) becomes
+
+* one row per good entry, ``raw`` = the entry's resource re-serialised compactly with
+  its Bundle-local references made self-standing
+  (:func:`engine.protocol.fhir.link_entries`: ``urn:uuid:`` references become
+  ``Type/id`` when the target has an id, and carry the target's type and identifier),
+  so each row reads on its own — the ServiceRequest names its patient, the Task its
+  ServiceRequest — and its ``headers`` name the Bundle (``bundle-entry``: kind and
+  index, ``bundle-sha256``: the Bundle row's ``payload_sha256``);
+* and the Bundle itself, byte for byte, as a ``FHIR:Bundle`` row: nothing the sender
+  sent is lost (the entries' ``fullUrl``, ``request``, the original references). The
+  mappings ignore it by a named rule (``fhir.bundles`` / ``write_bundle``). Its
+  ``dedup_key`` is the source and the payload digest, not the Bundle's id and
+  ``meta.versionId`` (a server ignores those of a transaction, and a sender reusing
+  them must not turn the record into a 409): a byte-identical resend is a
+  ``duplicate`` row, any other Bundle a new record. The record never decides the
+  answer; the entries do, under the duplicate rules above.
 """
 
 from __future__ import annotations
@@ -28,15 +45,18 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from engine.config import FhirSourceConfig
 from engine.protocol.fhir import (
+    BundleCheck,
     Issue,
+    compact,
     dedup_key,
     generated_id,
+    link_entries,
     location,
     operation_outcome,
     resource_id,
@@ -144,6 +164,57 @@ def prepare(
     }
     conditional = row["dedup_key"] is not None and not (own_id and version)
     return Prepared(row, rtype, rid, version if own_id else None, conditional)
+
+
+@dataclass(frozen=True, slots=True)
+class BundleRows:
+    """The rows of a transaction or batch: the Bundle as sent, and its good entries."""
+
+    record: Prepared
+    entries: dict[int, Prepared]  # by Bundle.entry index
+
+
+def prepare_bundle(
+    source: str,
+    bundle: Mapping[str, Any],
+    raw: bytes,
+    check: BundleCheck,
+    *,
+    peer: str,
+    received_at: datetime,
+    headers: Mapping[str, str] | None = None,
+) -> BundleRows:
+    """The rows for a checked Bundle (:func:`engine.protocol.fhir.bundle_entries`): its
+    good entries, references linked, and the Bundle itself (pure; see the module
+    docstring). Only good entries are reference targets: a refused entry is not stored,
+    and its identifier was not validated."""
+    kept = dict(headers or {})
+    record = prepare(source, bundle, raw, peer=peer, received_at=received_at, headers=kept)
+    digest = record.row["payload_sha256"]
+    basis = f"bundle\x1f{source}\x1f{digest}"
+    record.row["dedup_key"] = hashlib.sha256(basis.encode("utf-8", "surrogateescape")).hexdigest()
+    record = replace(record, conditional=False)
+    good = [e for e in check.entries if e.ok and e.resource is not None]
+    linked = link_entries(bundle, targets={e.index for e in good})
+    entries: dict[int, Prepared] = {}
+    for entry in good:
+        assert entry.resource is not None
+        resource = linked[entry.index] if entry.index < len(linked) else None
+        resource = resource if resource is not None else dict(entry.resource)
+        entries[entry.index] = prepare(
+            source,
+            resource,
+            compact(resource),
+            peer=peer,
+            received_at=received_at,
+            headers={
+                **kept,
+                "bundle-entry": f"{check.kind} {entry.index}",
+                "bundle-sha256": digest,
+            },
+            if_none_exist=entry.if_none_exist if entry.method == "POST" else None,
+        )
+    return BundleRows(record, entries)
 
 
 async def store(

@@ -29,14 +29,28 @@ from sqlalchemy import Engine, create_engine, delete, insert, select, text
 from sqlalchemy.engine import make_url
 
 from engine.config import Config
+from engine.domain.projection import LoggedEvent, fold
+from engine.domain.referral import State
 from engine.edges.fhir_api import fhir_routes
 from engine.edges.http_app import build_app
 from engine.metrics import Metrics
+from engine.outbound.model import PacketContext, Party, ReferralView, Specialist, TriggerEvent
+from engine.outbound.packets.fhir import render_referral_bundle
+from engine.services.normaliser import Processor, Source
 from engine.services.writer import GroupCommitWriter
 from engine.store.database import open_engine
-from engine.store.schema import messages, referrals
+from engine.store.schema import (
+    deliveries,
+    messages,
+    parked_keys,
+    referral_events,
+    referral_keys,
+    referrals,
+)
+from tests import loop_messages as lm
 from tests.conftest import migrated, require_postgres
 from tests.helpers import SHARED, make_config, pg_url, wait_for
+from tests.normalising import drain, shipped
 
 # One server per database for the whole module (starting uvicorn and migrating a
 # database per test would cost more than the tests); each test starts from empty tables.
@@ -96,7 +110,8 @@ class Harness:
 
     def reset(self) -> None:
         with self.engine.begin() as conn:
-            conn.execute(delete(messages))
+            for table in (deliveries, referral_keys, referral_events, parked_keys, messages):
+                conn.execute(delete(table))
             conn.execute(delete(referrals))
         self.baseline = self._counts()
 
@@ -130,6 +145,10 @@ class Harness:
         with self.engine.connect() as conn:
             query = select(messages).order_by(messages.c.id)
             return [dict(r._mapping) for r in conn.execute(query)]
+
+    def entry_rows(self) -> list[dict[str, Any]]:
+        """The rows of resources, without the records of the Bundles that brought them."""
+        return [r for r in self.rows() if r["message_type"] != "FHIR:Bundle"]
 
     def counted(self, source: str, resource: str, outcome: str) -> float:
         """Requests counted with these labels since the test began."""
@@ -626,14 +645,20 @@ async def test_a_transaction_is_stored_entry_by_entry_and_answered_per_entry(api
         "Task/t1/_history/1",
         "Communication/comm-1/_history/1",
     ]
-    rows = api.rows()
+    record, *rows = api.rows()
     assert [r["message_type"] for r in rows] == [
         "FHIR:ServiceRequest",
         "FHIR:Task",
         "FHIR:Communication",
     ]
     assert json.loads(rows[0]["raw"]) == sr
-    assert {r["status"] for r in rows} == {"received"}
+    assert {r["status"] for r in [record, *rows]} == {"received"}
+    # The Bundle as sent is kept too, and each entry names it.
+    assert (record["message_type"], bytes(record["raw"])) == ("FHIR:Bundle", raw)
+    assert record["control_id"].startswith("Bundle/")
+    entry_headers = [json.loads(r["headers"]) for r in rows]
+    assert [h["bundle-entry"] for h in entry_headers] == [f"transaction {n}" for n in range(3)]
+    assert {h["bundle-sha256"] for h in entry_headers} == {record["payload_sha256"]}
 
 
 async def test_a_batch_stores_its_good_entries_and_answers_the_bad_one(api: Harness) -> None:
@@ -655,10 +680,11 @@ async def test_a_batch_stores_its_good_entries_and_answers_the_bad_one(api: Harn
     assert statuses == ["201 Created", "422 Unprocessable Entity", "400 Bad Request", "201 Created"]
     bad = answer["entry"][1]["response"]["outcome"]["issue"]
     assert [i["expression"] for i in bad] == [["Bundle.entry[1].resource.authoredOn"]]
-    assert [r["control_id"] for r in api.rows()] == [
+    assert [r["control_id"] for r in api.entry_rows()] == [
         "Task/t1/_history/1",
         "Communication/comm-1/_history/1",
     ]
+    assert [r["message_type"] for r in api.rows()].count("FHIR:Bundle") == 1
 
 
 async def test_a_batch_resent_is_answered_from_the_originals(api: Harness) -> None:
@@ -667,7 +693,16 @@ async def test_a_batch_resent_is_answered_from_the_originals(api: Harness) -> No
     resp = await api.post("", raw)
     answer = resp.json()
     assert [e["response"]["status"] for e in answer["entry"]] == ["200 OK", "200 OK"]
-    assert [r["status"] for r in api.rows()] == ["received", "received", "duplicate", "duplicate"]
+    assert [r["status"] for r in api.entry_rows()] == [
+        "received",
+        "received",
+        "duplicate",
+        "duplicate",
+    ]
+    # The same bytes again: the record of the Bundle is a duplicate too.
+    records = [r for r in api.rows() if r["message_type"] == "FHIR:Bundle"]
+    assert [r["status"] for r in records] == ["received", "duplicate"]
+    assert records[1]["duplicate_of"] == records[0]["id"]
     assert api.counted("ehr", "Bundle", "duplicate") == 1
 
 
@@ -677,9 +712,120 @@ async def test_a_corpus_batch_of_many_types_is_stored(api: Harness) -> None:
     assert resp.status_code == 200, resp.text
     count = len(json.loads(raw)["entry"])
     assert len(resp.json()["entry"]) == count
-    rows = api.rows()
+    rows = api.entry_rows()
     assert len(rows) == count
     assert "FHIR:Appointment" in {r["message_type"] for r in rows}
+    assert len(api.rows()) == count + 1  # and the Bundle itself
+
+
+def refloops_referral_bundle(state: State) -> tuple[bytes, frozenset[Any]]:
+    """refloop's own ``fhir.referral_bundle`` for the test loop's order (as
+    tests/unit/test_packets_fhir.py builds it), and the correlating keys of that order."""
+    now = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
+    order = lm.orm("C1", "PO1").decode()
+    (event,) = shipped().normalise(order, received_at=now).events
+    referral, step = fold(None, "rid-1", LoggedEvent(event.type, event.fields, now, now))
+    assert referral is not None
+    ctx = PacketContext(
+        delivery_id=1,
+        idempotency_key="key-1",
+        control_id="C1",
+        now=now,
+        referral=ReferralView(referral.id, state, now, now, referral.data),
+        event=TriggerEvent("ev-1", event.type, event.fields, now, 1, None, step.state_after),
+        sender=Party(facility="ACME_MAIN"),
+        receiver=Party("EHR", "ACME"),
+        recipient=Specialist(id="cardio-1", name="Cardio", targets=(), npi="1234567893"),
+        sources={"order": order, "trigger": order},
+        options={},
+    )
+    return render_referral_bundle(ctx).payload, frozenset(event.correlating_keys)
+
+
+def normalise_stored(engine: Engine) -> None:
+    """Run the real normaliser, with the shipped mappings, over what is ``received``."""
+    proc = Processor(engine, shipped, {"ehr": Source()})
+    try:
+        drain(proc)
+    finally:
+        proc.close()
+
+
+async def test_refloops_own_referral_bundle_reads_back_entry_by_entry(api: Harness) -> None:
+    """The entries' urn:uuid references are made self-standing when the Bundle is split,
+    so the stored ServiceRequest names its patient and the Task its ServiceRequest: one
+    referral, created and then accepted, with the patient of the HL7 order."""
+    raw, order_keys = refloops_referral_bundle(State.ACCEPTED)
+    resp = await api.post("", raw)
+    assert resp.status_code == 200, resp.text
+    assert {e["response"]["status"] for e in resp.json()["entry"]} == {"201 Created"}
+    rows = {r["message_type"]: r for r in api.rows()}
+    sr = json.loads(rows["FHIR:ServiceRequest"]["raw"])
+    assert sr["subject"]["type"] == "Patient"
+    assert sr["subject"]["identifier"]["value"] == "100001"
+    tsk = json.loads(rows["FHIR:Task"]["raw"])
+    assert tsk["focus"]["type"] == "ServiceRequest"
+    assert tsk["focus"]["identifier"]["value"] == "PO1"
+    assert bytes(rows["FHIR:Bundle"]["raw"]) == raw
+
+    await asyncio.to_thread(normalise_stored, api.engine)
+
+    with api.engine.connect() as conn:
+        (referral,) = conn.execute(select(referrals)).all()
+        events = conn.execute(
+            select(referral_events.c.type, referral_events.c.message_id).order_by(
+                referral_events.c.sequence
+            )
+        ).all()
+        keys = {(k.kind, k.value) for k in conn.execute(select(referral_keys))}
+    assert referral.state == "accepted"
+    patient = json.loads(referral.data)["referral"]["patient.identifier"]
+    assert (patient["value"], patient.get("type")) == ("100001", "MR")
+    assert events == [
+        ("referral.created", rows["FHIR:ServiceRequest"]["id"]),
+        ("referral.accepted", rows["FHIR:Task"]["id"]),
+    ]
+    # The HL7 order's own keys meet the FHIR copy's: an ORR for it would find it.
+    assert {(k.kind.value, k.value) for k in order_keys} <= keys
+    statuses = {r["message_type"]: r["status"] for r in api.rows()}
+    assert statuses["FHIR:Bundle"] == statuses["FHIR:Patient"] == "ignored"
+    assert statuses["FHIR:ServiceRequest"] == statuses["FHIR:Task"] == "processed"
+
+
+async def test_references_to_entries_with_ids_are_stored_as_type_and_id(api: Harness) -> None:
+    patient = {
+        "resourceType": "Patient",
+        "id": "pat-7",
+        "identifier": [
+            {"system": "urn:oid:1.2.3", "value": "SSN-LIKE"},
+            {
+                "type": {"coding": [{"code": "MR"}]},
+                "system": "urn:oid:1.2.9",
+                "value": "MRN-7",
+            },
+        ],
+    }
+    tsk = task("t7")
+    tsk["for"] = {"reference": "urn:uuid:0b3a9d3e-6f2c-4c1e-9d1b-2f6f1a2b3c4d"}
+    tsk["focus"] = {"reference": "urn:uuid:elsewhere", "display": "not in this Bundle"}
+    raw = bundle(
+        "transaction",
+        {**entry(patient, "PUT"), "fullUrl": "urn:uuid:0b3a9d3e-6f2c-4c1e-9d1b-2f6f1a2b3c4d"},
+        entry(tsk),
+    )
+    resp = await api.post("", raw)
+    assert resp.status_code == 200, resp.text
+    stored = json.loads(api.entry_rows()[1]["raw"])
+    assert stored["for"] == {
+        "reference": "Patient/pat-7",
+        "type": "Patient",
+        "identifier": {
+            "type": {"coding": [{"code": "MR"}]},
+            "system": "urn:oid:1.2.9",
+            "value": "MRN-7",
+        },
+    }
+    assert stored["focus"] == tsk["focus"]  # names no entry: left as sent
 
 
 @pytest.mark.parametrize(

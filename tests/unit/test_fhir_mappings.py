@@ -20,11 +20,13 @@ from hypothesis import strategies as st
 
 from engine.domain.events import Outcome
 from engine.domain.projection import LoggedEvent, fold
+from engine.domain.referral import State
 from engine.mapping.fixtures import case_files, run_cases
 from engine.mapping.mapset import MappingSetError, load_mapping_set
 from engine.mapping.source import SourceError, load
 from engine.outbound.model import PacketContext, Party, ReferralView, Specialist, TriggerEvent
 from engine.outbound.packets.fhir import render_referral_bundle
+from engine.protocol.fhir import link_entries
 from tests import loop_messages as lm
 from tests.helpers import MAPPINGS
 
@@ -435,10 +437,10 @@ def test_an_order_sent_as_orm_and_as_a_service_request_has_one_key() -> None:
 
 
 def test_what_refloop_writes_as_fhir_reads_back_with_the_hl7_key() -> None:
-    """The ServiceRequest and Task of refloop's own referral bundle, read by the inbound
-    mappings, carry the placer key of the HL7 order they came from. Their patient and
-    focus are Bundle-local urn:uuid references (the server resolves them), so here they
-    are given as the server would hold them."""
+    """The ServiceRequest and Task of refloop's own referral bundle, split as the intake
+    splits it (Bundle-local references linked), read by the inbound mappings: they carry
+    the placer key and the patient of the HL7 order they came from, and the Task names
+    its ServiceRequest."""
     raw = lm.orm("C1", "PO1").decode()
     (event,) = SHIPPED.normalise(raw, received_at=NOW).events
     referral, step = fold(None, "rid-1", LoggedEvent(event.type, event.fields, NOW, NOW))
@@ -448,7 +450,7 @@ def test_what_refloop_writes_as_fhir_reads_back_with_the_hl7_key() -> None:
         idempotency_key="k-1",
         control_id="C1",
         now=NOW,
-        referral=ReferralView(referral.id, referral.state, NOW, NOW, referral.data),
+        referral=ReferralView(referral.id, State.ACCEPTED, NOW, NOW, referral.data),
         event=TriggerEvent("e-1", event.type, event.fields, NOW, 1, None, step.state_after),
         sender=Party(facility="ACME_MAIN"),
         receiver=Party("EHR", "ACME"),
@@ -457,15 +459,16 @@ def test_what_refloop_writes_as_fhir_reads_back_with_the_hl7_key() -> None:
         options={},
     )
     bundle = json.loads(render_referral_bundle(ctx).payload)
-    by_type = {e["resource"]["resourceType"]: e["resource"] for e in bundle["entry"]}
-    sr = {**by_type["ServiceRequest"], "id": "sr-9", "subject": {"reference": "Patient/p-1"}}
-    got = SHIPPED.normalise_resource(sr, received_at=NOW, overlay=None)
+    by_type = {r["resourceType"]: r for r in link_entries(bundle) if r is not None}
+    got = SHIPPED.normalise_resource(by_type["ServiceRequest"], received_at=NOW, overlay=None)
     (created,) = got.events
     assert set(event.correlating_keys) <= set(created.correlating_keys)
-    tsk = {**by_type["Task"], "status": "accepted", "focus": {"reference": "ServiceRequest/sr-9"}}
-    (accepted,) = SHIPPED.normalise_resource(tsk, received_at=NOW, overlay=None).events
+    assert created.fields["patient.identifier"] == event.fields["patient.identifier"]
+    task = SHIPPED.normalise_resource(by_type["Task"], received_at=NOW, overlay=None)
+    (accepted,) = task.events
+    assert accepted.type == "referral.accepted"
     assert set(event.correlating_keys) <= set(accepted.correlating_keys)
-    assert {k.value for k in accepted.correlating_keys} >= {"sr-9", "PO1"}
+    assert accepted.fields["correlate.referral_id"]["value"] == "PO1"
 
 
 # ---- fixtures that read resources -----------------------------------------------------

@@ -3,7 +3,9 @@ credentials a config names."""
 
 from __future__ import annotations
 
+import copy
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from engine.protocol.fhir import (
     dedup_key,
     fhir_conflict,
     generated_id,
+    link_entries,
     location,
     operation_outcome,
     parse_json,
@@ -29,7 +32,7 @@ from engine.protocol.fhir import (
     same_resource,
     validate,
 )
-from engine.services.fhir_intake import prepare
+from engine.services.fhir_intake import prepare, prepare_bundle
 from tests.helpers import SHARED, make_config
 
 CORPUS = SHARED / "corpus" / "fhir"
@@ -321,6 +324,259 @@ def test_entries_keep_their_if_none_exist() -> None:
     raw["request"]["ifNoneExist"] = "identifier=a|b"
     [one] = bundle_entries(bundle("transaction", raw)).entries
     assert (one.ok, one.method, one.if_none_exist) == (True, "POST", "identifier=a|b")
+
+
+# -- Bundle-local references -----------------------------------------------------------
+
+PAT_URL = "urn:uuid:6c3f2a9e-0d4b-4f8e-9a31-5b7c2d1e0f42"
+SR_URL = "urn:uuid:1e2d3c4b-5a69-4788-97a6-b5c4d3e2f1a0"
+MRN = {"type": {"coding": [{"code": "MR"}]}, "system": "urn:oid:1.2.9", "value": "MRN-7"}
+SSN = {"system": "urn:oid:2.16.840.1.113883.4.1", "value": "999-99-9999"}
+PATIENT = {"resourceType": "Patient", "identifier": [SSN, MRN]}
+ORDER_ID = {"system": "urn:oid:1.2.3", "value": "ORD-1", "assigner": {"reference": PAT_URL}}
+ORDER = {
+    "resourceType": "ServiceRequest",
+    "status": "active",
+    "intent": "order",
+    "identifier": [{"system": "urn:oid:1.2.3"}, ORDER_ID],
+    "subject": {"reference": PAT_URL},
+}
+
+
+def linked_task(
+    task_fields: dict[str, Any],
+    *,
+    patient: dict[str, Any] = PATIENT,
+    order: dict[str, Any] = ORDER,
+    targets: set[int] | None = None,
+) -> dict[str, Any]:
+    """The Task of a Bundle [Patient, ServiceRequest, Task] after :func:`link_entries`."""
+    raw = bundle(
+        "transaction",
+        {**entry(patient), "fullUrl": PAT_URL},
+        {**entry(order), "fullUrl": SR_URL},
+        {**entry(task(**task_fields)), "fullUrl": "urn:uuid:00000000-0000-4000-8000-00000000000c"},
+    )
+    out = link_entries(raw, targets=targets)[2]
+    assert out is not None
+    return out
+
+
+AS_PATIENT = {"reference": PAT_URL, "type": "Patient", "identifier": MRN}
+ORDER_LINK = {"system": "urn:oid:1.2.3", "value": "ORD-1"}  # assigner is a reference: left
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # No id on the target: the urn stays, the reference becomes logical too.
+        ({"for": {"reference": PAT_URL}}, {"for": AS_PATIENT}),
+        (
+            {"for": {"reference": f" {PAT_URL} "}},
+            {"for": {**AS_PATIENT, "reference": f" {PAT_URL} "}},
+        ),
+        (
+            {"focus": {"reference": SR_URL, "display": "the order"}},
+            {
+                "focus": {
+                    "reference": SR_URL,
+                    "display": "the order",
+                    "type": "ServiceRequest",
+                    "identifier": ORDER_LINK,
+                }
+            },
+        ),
+        # Nested: in lists, backbone elements and extensions.
+        (
+            {"basedOn": [{"reference": "ServiceRequest/x"}, {"reference": SR_URL}]},
+            {
+                "basedOn": [
+                    {"reference": "ServiceRequest/x"},
+                    {"reference": SR_URL, "type": "ServiceRequest", "identifier": ORDER_LINK},
+                ]
+            },
+        ),
+        (
+            {"output": [{"type": {"text": "t"}, "valueReference": {"reference": PAT_URL}}]},
+            {"output": [{"type": {"text": "t"}, "valueReference": AS_PATIENT}]},
+        ),
+        (
+            {"extension": [{"url": "http://x/e", "valueReference": {"reference": PAT_URL}}]},
+            {"extension": [{"url": "http://x/e", "valueReference": AS_PATIENT}]},
+        ),
+        # What the sender wrote in the Reference stays.
+        (
+            {"for": {"reference": PAT_URL, "type": "Group", "identifier": SSN}},
+            {"for": {"reference": PAT_URL, "type": "Group", "identifier": SSN}},
+        ),
+        # Not another entry: left as sent.
+        ({"for": {"reference": "urn:uuid:not-in-this-bundle"}}, None),
+        ({"for": {"reference": "Patient/p-1"}}, None),
+        ({"for": {"reference": "#p1"}}, None),
+        ({"for": {"identifier": MRN}}, None),
+        ({"note": [{"text": PAT_URL}]}, None),
+    ],
+)
+def test_references_to_other_entries_become_self_standing(
+    fields: dict[str, Any], expected: dict[str, Any] | None
+) -> None:
+    got = linked_task(fields)
+    assert got == task(**(fields if expected is None else expected))
+    assert validate(got) == []
+
+
+def test_a_target_with_an_id_is_referenced_as_type_and_id() -> None:
+    got = linked_task({"for": {"reference": PAT_URL}}, patient={**PATIENT, "id": "pat-7"})
+    assert got["for"] == {"reference": "Patient/pat-7", "type": "Patient", "identifier": MRN}
+
+
+@pytest.mark.parametrize(
+    ("identifiers", "expected"),
+    [
+        ([SSN, MRN], MRN),  # a Patient's MR first
+        ([SSN], SSN),  # else its first
+        ([{"system": "urn:oid:1"}, SSN], SSN),  # an identifier without a value names nothing
+        ([], None),
+        (None, None),
+    ],
+)
+def test_the_identifier_a_reference_carries(
+    identifiers: list[dict[str, Any]] | None, expected: dict[str, Any] | None
+) -> None:
+    patient: dict[str, Any] = {"resourceType": "Patient"}
+    if identifiers is not None:
+        patient["identifier"] = identifiers
+    got = linked_task({"for": {"reference": PAT_URL}}, patient=patient)
+    want = {"reference": PAT_URL, "type": "Patient"}
+    assert got["for"] == (want if expected is None else {**want, "identifier": expected})
+
+
+def test_contained_and_nested_resources_keep_their_references() -> None:
+    contained = {"resourceType": "Patient", "id": "c1", "link": [{"other": {"reference": PAT_URL}}]}
+    got = linked_task({"contained": [contained], "for": {"reference": "#c1"}})
+    assert got["contained"] == [contained]
+    assert got["for"] == {"reference": "#c1"}
+
+
+def test_only_the_given_entries_are_targets() -> None:
+    got = linked_task({"for": {"reference": PAT_URL}, "focus": {"reference": SR_URL}}, targets={1})
+    assert got["for"] == {"reference": PAT_URL}
+    assert got["focus"]["type"] == "ServiceRequest"
+
+
+def test_relative_references_resolve_on_a_restful_full_url() -> None:
+    base = "http://example.org/fhir"
+    patient = {**PATIENT, "id": "123"}
+    raw = bundle(
+        "transaction",
+        {**entry(patient, "PUT", "Patient/123"), "fullUrl": f"{base}/Patient/123"},
+        {
+            **entry(task(id="t1", **{"for": {"reference": "Patient/123"}})),
+            "fullUrl": f"{base}/Task/t1",
+        },
+        {**entry(task(**{"for": {"reference": f"{base}/Patient/123"}})), "fullUrl": "urn:uuid:a"},
+        {**entry(task(**{"for": {"reference": "Patient/123"}})), "fullUrl": "urn:uuid:b"},
+    )
+    linked = link_entries(raw)
+    want = {"reference": "Patient/123", "type": "Patient", "identifier": MRN}
+    assert [r["for"] for r in linked[1:] if r] == [want, want, {"reference": "Patient/123"}]
+
+
+def test_a_full_url_two_entries_share_names_neither() -> None:
+    raw = bundle(
+        "batch",
+        {**entry(PATIENT), "fullUrl": PAT_URL},
+        {**entry({"resourceType": "Group", "type": "person", "actual": True}), "fullUrl": PAT_URL},
+        entry(task(**{"for": {"reference": PAT_URL}})),
+    )
+    linked = link_entries(raw)[2]
+    assert linked is not None
+    assert linked["for"] == {"reference": PAT_URL}
+
+
+def test_the_bundle_is_not_modified_and_entries_without_a_resource_are_none() -> None:
+    raw = bundle(
+        "transaction",
+        {**entry(PATIENT), "fullUrl": PAT_URL},
+        "not an entry",
+        {"request": {"method": "POST", "url": "Task"}},
+        {"resource": {"no": "resourceType"}, "fullUrl": SR_URL},
+        {**entry(task(**{"for": {"reference": PAT_URL}})), "fullUrl": 7},
+    )
+    before = copy.deepcopy(raw)
+    linked = link_entries(raw)
+    assert raw == before
+    assert [r is None for r in linked] == [False, True, True, True, False]
+    assert linked[4] is not None
+    assert linked[4]["for"] == AS_PATIENT
+    assert link_entries({"resourceType": "Bundle", "entry": {"not": "a list"}}) == []
+    assert link_entries({"resourceType": "Bundle"}) == []
+
+
+def test_the_corpus_transaction_stays_valid_entry_by_entry() -> None:
+    raw = json.loads((CORPUS / "Bundle" / "fhirR4spec__bundle-transaction.json").read_bytes())
+    check = bundle_entries(raw)
+    linked = link_entries(raw, targets={e.index for e in check.entries if e.ok})
+    for e in check.entries:
+        resource = linked[e.index]
+        if e.ok and resource is not None:
+            assert validate(resource) == [], e.index
+
+
+link_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.sampled_from([PAT_URL, SR_URL, "Patient/1"]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["reference", "resourceType", "fullUrl", "resource", "id", "x"]),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.lists(link_json, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_linking_any_json_never_raises(entries: list[Any]) -> None:
+    raw = {"resourceType": "Bundle", "type": "batch", "entry": entries}
+    before = copy.deepcopy(raw)
+    assert len(link_entries(raw)) == len(entries)
+    assert raw == before
+
+
+def test_a_split_bundle_keeps_the_bundle_as_sent_and_links_its_entries() -> None:
+    raw = bundle(
+        "transaction",
+        {**entry(PATIENT), "fullUrl": PAT_URL},
+        {**entry(task(**{"for": {"reference": PAT_URL}})), "fullUrl": SR_URL},
+        entry({"resourceType": "Task", "intent": "order"}),  # no status: not stored
+    )
+    body = json.dumps(raw, indent=2).encode()
+    at = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
+    check = bundle_entries(raw)
+    rows = prepare_bundle("ehr", raw, body, check, peer="127.0.0.1:1", received_at=at)
+    record = rows.record.row
+    assert (record["message_type"], record["raw"], record["status"]) == (
+        "FHIR:Bundle",
+        body,
+        "received",
+    )
+    assert sorted(rows.entries) == [0, 1]
+    stored = json.loads(rows.entries[1].row["raw"])
+    assert stored["for"] == AS_PATIENT
+    headers = json.loads(rows.entries[1].row["headers"])
+    assert headers == {"bundle-entry": "transaction 1", "bundle-sha256": record["payload_sha256"]}
+    # The record's key is the source and the bytes, whatever the Bundle's id and version.
+    versioned = {**raw, "id": "b1", "meta": {"versionId": "1"}}
+    other = json.dumps(versioned).encode()
+    again = prepare_bundle("ehr", versioned, other, check, peer="p", received_at=at).record
+    same = prepare_bundle("ehr", raw, body, check, peer="p", received_at=at).record
+    elsewhere = prepare_bundle("lab", raw, body, check, peer="p", received_at=at).record
+    assert same.row["dedup_key"] == record["dedup_key"]
+    assert len({record["dedup_key"], again.row["dedup_key"], elsewhere.row["dedup_key"]}) == 3
+    assert not again.conditional
 
 
 # -- credentials and config --------------------------------------------------------------
