@@ -34,8 +34,8 @@ Practitioners); the mappings decide what each one means.
 
 Reads (the facade for EHRs that poll, any source's credential): ``GET
 /fhir/r4/ServiceRequest/<referral id>`` and ``GET /fhir/r4/Task?based-on=
-ServiceRequest/<referral id>`` build a ServiceRequest and a BSeR Task from the referral
-projection. Every read is logged (``fhir.read``: source, referral id; no PHI).
+ServiceRequest/<referral id>``, answered by :mod:`engine.edges.fhir_facade` once this
+shell has authenticated the caller.
 """
 
 from __future__ import annotations
@@ -53,11 +53,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from engine.config import Config, FhirSourceConfig
-from engine.domain.referral import BSER, State
 from engine.edges.fhir_auth import FhirAuth, forbidden, header, signature_hex, unauthorized
+from engine.edges.fhir_facade import Answer, FacadeRefusal, ReadFacade
 from engine.logs import get_logger
 from engine.metrics import Metrics
-from engine.outbound.packets.fhir import REFERRAL_SYSTEM, identifier
 from engine.protocol.fhir import (
     FHIR_JSON,
     WRITABLE,
@@ -81,13 +80,12 @@ from engine.services.fhir_intake import (
     store,
 )
 from engine.services.writer import GroupCommitWriter, StorageUnavailable
-from engine.store.fhir_read import ReferralView, message_control_id, referral_view
+from engine.store.fhir_read import message_control_id
 
 log = get_logger("refloop.fhir")
 
 BASE = "/fhir/r4"
 RETRY_AFTER_SECONDS = 10
-BSER_SYSTEM = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS"
 _MEDIA_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 _REASONS = {
     200: "OK",
@@ -96,14 +94,6 @@ _REASONS = {
     409: "Conflict",
     422: "Unprocessable Entity",
 }
-#: ServiceRequest.status by referral state: the order stays active until the loop closes.
-_SR_STATUS = {
-    State.NOTE_RECEIVED: "completed",
-    State.CLOSED: "completed",
-    State.CANCELLED: "revoked",
-    State.DECLINED: "revoked",
-}
-_PRIORITIES = frozenset({"routine", "urgent", "asap", "stat"})
 
 
 class _Refused(Exception):
@@ -163,6 +153,7 @@ class FhirApi:
         self._writer = writer
         self._metrics = metrics
         self._engine = engine
+        self._facade = ReadFacade(engine)
         self._timeout = config.ingest.commit_timeout_seconds
         self.auth = auth or FhirAuth.from_config(config)
         for source in self.auth.sources:
@@ -345,70 +336,35 @@ class FhirApi:
         with self._engine.connect() as conn:
             return message_control_id(conn, message_id)
 
-    # -- reads ------------------------------------------------------------------------
+    # -- reads (engine.edges.fhir_facade) ---------------------------------------------
 
     async def read_service_request(self, request: Request) -> Response:
-        return await self._guarded(request, "ServiceRequest", lambda: self._read_sr(request))
+        rid = request.path_params["id"]
+        return await self._guarded(
+            request,
+            "ServiceRequest",
+            lambda: self._read(request, lambda name: self._facade.service_request(name, rid)),
+        )
 
     async def search_task(self, request: Request) -> Response:
-        return await self._guarded(request, "Task", lambda: self._search_task(request))
+        def ask(name: str) -> Awaitable[Answer]:
+            values = request.query_params.getlist("based-on")
+            self_url = str(request.url)
+            return self._facade.tasks(name, values, base=_base(request), self_url=self_url)
 
-    async def _read_sr(self, request: Request) -> tuple[str, str, Response]:
+        return await self._guarded(request, "Task", lambda: self._read(request, ask))
+
+    async def _read(
+        self, request: Request, ask: Callable[[str], Awaitable[Answer]]
+    ) -> tuple[str, str, Response]:
         source = await self._caller(request, body=False)
-        rid = request.path_params["id"]
-        view = await self._view(rid)
-        _log_read(source, "ServiceRequest", rid, view is not None)
-        if view is None:
-            issue = error("not-found", "refloop has no referral with this id", "id")
-            raise _Refused(404, [issue], "not_found")
-        headers = {"ETag": f'W/"{view.sequence}"'}
-        return source.name, "read", _json(200, service_request(view), headers)
-
-    async def _search_task(self, request: Request) -> tuple[str, str, Response]:
-        source = await self._caller(request, body=False)
-        values = request.query_params.getlist("based-on")
-        if not values:
-            issue = error(
-                "required",
-                "search Tasks by based-on=ServiceRequest/<referral id> (the only search "
-                "refloop offers)",
-                "based-on",
-            )
-            raise _Refused(400, [issue], "invalid")
-        ids = [_referenced_id(v) for value in values for v in value.split(",")]
-        base = _base(request)
-        entries = []
-        for rid in dict.fromkeys(i for i in ids if i):
-            view = await self._view(rid)
-            _log_read(source, "Task", rid, view is not None)
-            if view is not None:
-                entries.append(
-                    {
-                        "fullUrl": f"{base}/Task/{view.id}",
-                        "resource": task(view),
-                        "search": {"mode": "match"},
-                    }
-                )
-        answer = {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": len(entries),
-            "link": [{"relation": "self", "url": str(request.url)}],
-            "entry": entries,
-        }
-        if not entries:
-            del answer["entry"]
-        return source.name, "read" if entries else "not_found", _json(200, answer)
-
-    async def _view(self, referral_id: str) -> ReferralView | None:
         try:
-            return await asyncio.to_thread(self._read_view, referral_id)
+            answer = await ask(source.name)
+        except FacadeRefusal as refused:
+            raise _Refused(refused.status, refused.issues, refused.outcome) from None
         except SQLAlchemyError:
             raise _unavailable("refloop cannot read its database; try again later") from None
-
-    def _read_view(self, referral_id: str) -> ReferralView | None:
-        with self._engine.connect() as conn:
-            return referral_view(conn, referral_id)
+        return source.name, answer.outcome, _json(answer.status, answer.body, answer.headers)
 
     # -- everything else --------------------------------------------------------------
 
@@ -621,87 +577,3 @@ def _answer(
         return Response(body, status_code=status, media_type=FHIR_JSON, headers=headers)
     outcome = operation_outcome([Issue("information", "informational", text)])
     return _json(status, outcome, headers)
-
-
-def _referenced_id(value: str) -> str | None:
-    """``ServiceRequest/<id>``, a bare ``<id>`` or an absolute URL ending in either."""
-    ref = value.strip()
-    if "/" in ref:
-        parts = ref.rstrip("/").split("/")
-        if len(parts) < 2 or parts[-2] != "ServiceRequest":
-            return None
-        ref = parts[-1]
-    return ref or None
-
-
-def _log_read(source: FhirSourceConfig, resource: str, rid: str, found: bool) -> None:
-    # The referral id is refloop's own uuid; anything else a client sent is not logged.
-    shown = rid if is_id(rid) and len(rid) == 36 else "(not a referral id)"
-    log.info("fhir.read", source=source.name, resource=resource, referral_id=shown, found=found)
-
-
-# -- the facade's resources -------------------------------------------------------------
-
-
-def _ids(view: ReferralView) -> list[dict[str, Any]]:
-    fields = view.data.get("referral", {})
-    placer = identifier(
-        fields.get("correlate.placer_order") or fields.get("correlate.referral_id"),
-        type_code="PLAC",
-    )
-    filler = identifier(fields.get("correlate.filler_order"), type_code="FILL")
-    own = {"system": REFERRAL_SYSTEM, "value": view.id}
-    return [i for i in (placer, filler) if i] + [own]
-
-
-def _subject(view: ReferralView) -> dict[str, Any]:
-    patient = identifier(view.data.get("referral", {}).get("patient.identifier"))
-    if patient is None:
-        return {"display": "patient not identified"}
-    return {"type": "Patient", "identifier": patient}
-
-
-def _meta(view: ReferralView) -> dict[str, Any]:
-    return {"versionId": str(view.sequence), "lastUpdated": _instant(view.updated_at)}
-
-
-def _instant(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def service_request(view: ReferralView) -> dict[str, Any]:
-    """refloop's view of a referral as a ServiceRequest (status by the loop's progress)."""
-    state = State(view.state)
-    out: dict[str, Any] = {
-        "resourceType": "ServiceRequest",
-        "id": view.id,
-        "meta": _meta(view),
-        "identifier": _ids(view),
-        "status": _SR_STATUS.get(state, "active"),
-        "intent": "order",
-        "subject": _subject(view),
-        "authoredOn": _instant(view.created_at),
-    }
-    priority = view.data.get("referral", {}).get("priority")
-    if isinstance(priority, str) and priority in _PRIORITIES:
-        out["priority"] = priority
-    return out
-
-
-def task(view: ReferralView) -> dict[str, Any]:
-    """The referral's BSeR Task: Task.status and businessStatus from its state."""
-    status, business = BSER[State(view.state)]
-    return {
-        "resourceType": "Task",
-        "id": view.id,
-        "meta": _meta(view),
-        "identifier": [{"system": REFERRAL_SYSTEM, "value": view.id}],
-        "basedOn": [{"reference": f"ServiceRequest/{view.id}"}],
-        "status": status,
-        "businessStatus": {"coding": [{"system": BSER_SYSTEM, "code": business}]},
-        "intent": "order",
-        "focus": {"reference": f"ServiceRequest/{view.id}"},
-        "for": _subject(view),
-        "authoredOn": _instant(view.created_at),
-        "lastModified": _instant(view.updated_at),
-    }
