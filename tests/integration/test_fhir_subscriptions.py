@@ -231,6 +231,15 @@ async def harness(
     else:
         source["token"] = {"env": TOKEN_ENV}
     channels: dict[str, Any] = {}
+    if sekmet is None and subscriptions:
+        # Subscriptions need a server in the config: one nobody answers at (port 9, the
+        # discard port, is closed here), for tests that drive the manager by hand.
+        source["server"] = "ehr-server"
+        channels["ehr-server"] = {
+            "type": "fhir",
+            "base_url": "http://127.0.0.1:9/fhir",
+            "timeout_seconds": 2,
+        }
     if sekmet is not None:
         source["server"] = "ehr-server"
         channels["ehr-server"] = {
