@@ -26,6 +26,7 @@ from typing import Any
 from engine.domain.events import CLEAR, Diagnostic, Normalised, Outcome
 from engine.mapping.mapset import MappingSet, mapping_files, overlay_of
 from engine.mapping.source import Document, SourceError, load
+from engine.protocol.fhir import link_entries
 from engine.protocol.hl7v2 import HeaderError, codec_for, decode, parse_header
 
 CASES_KEYS = ("mapping", "overlay", "context", "cases")
@@ -225,8 +226,8 @@ def _sample_resource(
         raise _CaseError((*at, "index"), f"index picks a Bundle entry; {sample.name} is no Bundle")
     if not raw_index.isdigit() or not 1 <= int(raw_index) <= len(entries):
         raise _CaseError((*at, "index"), f"{sample.name} holds {len(entries)} entries")
-    entry = entries[int(raw_index) - 1]
-    inner = entry.get("resource") if isinstance(entry, dict) else None
+    # The entry as the intake stores it: references to other entries made readable.
+    inner = link_entries(resource)[int(raw_index) - 1]
     if not isinstance(inner, dict) or not isinstance(inner.get("resourceType"), str):
         raise _CaseError((*at, "index"), f"entry {raw_index} of {sample.name} carries no resource")
     return inner
