@@ -1,0 +1,124 @@
+"""The JSON Schema of ``referral-policy/v1`` for editor completion, from the vocabulary the
+loader enforces. The loader stays the authority (it also checks step order, ambiguous
+rules and route names, and says file:line:column); the committed copy lives in
+``mappings/_schema/`` and a test keeps it equal to what this module generates."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.policy import language as lang
+
+NAME = "referral-policy.v1.json"
+
+_TEXT = {"type": "string"}
+_CODE = {"type": "string", "pattern": lang.CODE.pattern}
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(?=.)(\d+d)?(\d+h)?$",
+    "description": "calendar time: 14d, 72h or 1d12h",
+}
+_LEVEL = {
+    "anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": lang.MAX_LEVEL},
+        {"type": "string", "pattern": f"^[1-{lang.MAX_LEVEL}]$"},
+    ]
+}
+
+
+def _closed(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if required:
+        out["required"] = list(required)
+    return out
+
+
+def _one_or_many(item: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}
+
+
+def _scope() -> dict[str, Any]:
+    return {
+        "states": _one_or_many({"enum": list(lang.STATES)}),
+        "specialty": _one_or_many(_TEXT),
+        "priority": _one_or_many(_TEXT),
+        "restart_on": _one_or_many({"enum": list(lang.EVENTS)}),
+    }
+
+
+def _step(action: str) -> dict[str, Any]:
+    values: dict[str, dict[str, Any]] = {
+        "template": _CODE,
+        "prefer": _one_or_many({"enum": list(lang.OUTREACH_CHANNELS)}),
+        "reason": _CODE,
+        "owner": _CODE,
+        "due": _DURATION,
+        "level": _LEVEL,
+        "to": {"enum": list(lang.NOTIFY_TO)},
+        "route": _CODE,
+    }
+    needed, optional = lang.ACTION_KEYS[action]
+    return _closed(
+        {
+            "after": _DURATION,
+            "do": {"const": action},
+            **{k: values[k] for k in (*needed, *optional)},
+        },
+        ("after", "do", *needed),
+    )
+
+
+def policy_schema() -> dict[str, Any]:
+    window = _closed(
+        {
+            "id": _CODE,
+            "description": _TEXT,
+            **_scope(),
+            "within": _DURATION,
+            "reason": _CODE,
+            "level": _LEVEL,
+            "owner": _CODE,
+            "due": _DURATION,
+        },
+        ("id", "states", "within"),
+    )
+    ladder = _closed(
+        {
+            "id": _CODE,
+            "description": _TEXT,
+            "ladder": _CODE,
+            **_scope(),
+            "steps": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"oneOf": [_step(a) for a in lang.ACTIONS]},
+            },
+        },
+        ("id", "states", "steps"),
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://refloop.dev/schema/{NAME}",
+        "title": f"refloop referral policy ({lang.POLICY_SCHEMA})",
+        **_closed(
+            {
+                "schema": {"const": lang.POLICY_SCHEMA},
+                "description": _TEXT,
+                "windows": {"type": "array", "items": window},
+                "ladders": {"type": "array", "items": ladder},
+            },
+            ("schema",),
+        ),
+    }
+
+
+SCHEMAS = {NAME: policy_schema}
+
+
+def render(name: str) -> str:
+    return json.dumps(SCHEMAS[name](), indent=2, sort_keys=True) + "\n"
