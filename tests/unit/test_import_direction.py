@@ -46,6 +46,11 @@ RULES = [
         why="outbound routing and packets are pure: they know events and referrals, not I/O",
     ),
     Rule(
+        "engine.policy",
+        allowed_engine=("engine.policy", "engine.domain", "engine.mapping", "engine.protocol"),
+        why="referral policy (windows, ladders, timer decisions) is pure: no store, no clock",
+    ),
+    Rule(
         "engine.services",
         allowed_engine=None,
         forbidden=("engine.edges",),
