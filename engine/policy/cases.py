@@ -87,6 +87,7 @@ class PolicyCaseResult:
     line: int
     name: str
     problems: list[str] = field(default_factory=list)
+    rules: set[str] = field(default_factory=set)  # every rule that armed a timer in the case
 
     @property
     def ok(self) -> bool:
@@ -321,6 +322,7 @@ def _run(case: _Case, policy: Policy, doc: Document) -> PolicyCaseResult:
             )
             _apply(pending, change.set, change.clear, armed, cleared)
         assert referral is not None  # the first step creates it (checked on reading)
+        result.rules.update(t.rule for t in armed)
         label = f"step {number} ({step.event.value if step.event else 'until'})"
         got: dict[str, Any] = {
             "state": referral.state.value,

@@ -502,6 +502,7 @@ def test_a_passing_story(tmp_path: Path) -> None:
     assert [(r.name, r.line, r.ok) for r in results] == [("never booked", 3, True)], [
         r.report() for r in results
     ]
+    assert results[0].rules == {"unscheduled", "remind"}
 
 
 def test_a_failing_story_says_what_differs_in_the_analysts_terms(tmp_path: Path) -> None:
