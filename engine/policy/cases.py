@@ -3,9 +3,11 @@
 A case is a sequence of steps in time order. An ``event`` step folds a canonical event
 into the referral (the real state machine and projection) and asks the policy what it
 arms and clears; an ``until`` step only lets time pass. Before either, every pending
-timer due by the step's time fires, earliest first, as the scheduler would: ``effects``
-of a step are what those timers did. A case states what it cares about: each listed
-item is compared on the keys it gives, lists in order and in full::
+timer due by the step's time fires, earliest first (at the same instant: windows, then
+ladders in file order), as the scheduler would: ``effects`` of a step are what those
+timers did; ``clear`` and ``pending`` list timers in that order too. A case states what
+it cares about: each listed item is compared on the keys it gives, lists in order and in
+full::
 
     schema: referral-policy-cases/v1
     cases:
@@ -288,16 +290,19 @@ def _run(case: _Case, policy: Policy, doc: Document) -> PolicyCaseResult:
     result = PolicyCaseResult(doc.file, line, case.name)
     referral: Referral | None = None
     pending: dict[str, Timer] = {}
+    position = {rule.id: i for i, rule in enumerate(policy.rules())}
+
+    def order(timer: Timer) -> tuple[datetime, int, int, str]:
+        # Simultaneous timers in the order the policy reads: windows, then ladders.
+        return (timer.due_at, position.get(timer.rule, len(position)), timer.step, timer.id)
+
     for number, step in enumerate(case.steps, 1):
         fired: list[Effect] = []
         armed: list[Timer] = []
         cleared: list[Timer] = []
         # The scheduler never sleeps: everything due by now fires first, earliest first.
         while referral is not None:
-            due = sorted(
-                (t for t in pending.values() if t.due_at <= step.time),
-                key=lambda t: (t.due_at, t.id),
-            )
+            due = sorted((t for t in pending.values() if t.due_at <= step.time), key=order)
             if not due:
                 break
             timer = pending.pop(due[0].id)
@@ -327,8 +332,8 @@ def _run(case: _Case, policy: Policy, doc: Document) -> PolicyCaseResult:
         got: dict[str, Any] = {
             "state": referral.state.value,
             "set": [_timer_view(t) for t in armed],
-            "clear": [_timer_view(t) for t in cleared],
-            "pending": [_timer_view(t) for t in sorted(pending.values(), key=_order)],
+            "clear": [_timer_view(t) for t in sorted(cleared, key=order)],
+            "pending": [_timer_view(t) for t in sorted(pending.values(), key=order)],
             "effects": [_effect_view(e) for e in fired],
         }
         for key, want in step.expect.items():
@@ -352,10 +357,6 @@ def _apply(
     for timer in set_:
         pending[timer.id] = timer
         armed.append(timer)
-
-
-def _order(timer: Timer) -> tuple[datetime, str, int]:
-    return (timer.due_at, timer.rule, timer.step)
 
 
 def _timer_view(timer: Timer) -> dict[str, Any]:
