@@ -52,8 +52,9 @@ from engine.protocol.hl7v2 import HeaderError
 SOURCES_DIR = "sources"
 VALUESETS_DIR = "valuesets"
 # outbound/ and directory/ hold the outbound set (routes, write-back, the specialist
-# directory): engine.outbound.routing reads and validates them.
-SKIP_DIRS = frozenset({"_schema", "samples", "outbound", "directory"})
+# directory): engine.outbound.routing reads and validates them; policies/ is the referral
+# policy's (engine.policy).
+SKIP_DIRS = frozenset({"_schema", "samples", "outbound", "directory", "policies"})
 
 
 class MappingSetError(Exception):
