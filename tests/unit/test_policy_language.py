@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.domain.referral import Event, State
-from engine.policy.cases import policy_case_files, run_policy_cases
+from engine.policy.cases import PolicyCaseResult, policy_case_files, run_policy_cases
 from engine.policy.language import (
     Ladder,
     Policy,
@@ -628,3 +628,47 @@ def test_bad_fixture_is_refused_at_its_line_and_column(
     assert result.name == "(file)"
     assert len(result.problems) == 1, result.problems
     assert result.problems[0].startswith(f"{path}:{want}"), result.problems[0]
+
+
+# ---- the shipped policy ------------------------------------------------------------------
+
+SHIPPED = load_policy(MAPPINGS)
+SHIPPED_RESULTS = [r for p in policy_case_files(MAPPINGS) for r in run_policy_cases(p)]
+
+
+def test_the_shipped_policy_has_the_design_examples() -> None:
+    days = {w.id: w.within.days for w in SHIPPED.windows}
+    assert days["unscheduled"] == 14
+    assert days["unscheduled_urgent"] == 3
+    assert days["awaiting_note"] == 7
+    reminders = SHIPPED.rule("schedule_reminders")
+    assert isinstance(reminders, Ladder)
+    assert [(s.after.days, s.do) for s in reminders.steps] == [
+        (3, "outreach"),
+        (7, "outreach"),
+        (14, "outreach"),
+        (21, "escalate"),
+        (21, "notify"),
+    ]
+    assert reminders.steps[-1].to == "referrer"
+    notes = SHIPPED.rule("note_requests")
+    assert isinstance(notes, Ladder)
+    assert (notes.steps[0].after.days, notes.steps[0].to) == (7, "specialist")
+    no_show = SHIPPED.rule("no_show_reengagement")
+    assert isinstance(no_show, Ladder)
+    assert [(s.after, s.do, s.to) for s in no_show.steps[:2]] == [
+        (timedelta(0), "outreach", ""),
+        (timedelta(0), "notify", "referrer"),
+    ]
+    assert SHIPPED.routes() == {"escalation_to_referrer", "no_show_notice", "note_request"}
+
+
+def test_the_shipped_policy_has_fixtures() -> None:
+    assert len(SHIPPED_RESULTS) >= 5
+    exercised = set().union(*(r.rules for r in SHIPPED_RESULTS))
+    assert {r.id for r in SHIPPED.rules()} - exercised == set(), "a fixture for every rule"
+
+
+@pytest.mark.parametrize("result", SHIPPED_RESULTS, ids=lambda r: f"{Path(r.file).name}:{r.line}")
+def test_shipped_fixture(result: PolicyCaseResult) -> None:
+    assert result.ok, result.report()

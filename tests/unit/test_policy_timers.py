@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from engine.domain.projection import LoggedEvent, Referral, fold
 from engine.domain.referral import TERMINAL, Event, State
-from engine.policy.language import Policy, compile_policy
+from engine.policy.language import Policy, compile_policy, load_policy
 from engine.policy.timers import (
     NOTHING,
     Armed,
@@ -537,15 +538,20 @@ PRIORITY = st.sampled_from([None, "routine", "urgent", "stat"])
 STEP = st.tuples(EVENTS, st.integers(min_value=0, max_value=24 * 30), PRIORITY)
 
 
+SHIPPED = load_policy(Path(__file__).resolve().parents[2] / "mappings")
+
+
+@pytest.mark.parametrize("policy", [SHIPPED_LIKE, SHIPPED], ids=["test-policy", "shipped"])
 @settings(max_examples=300, deadline=None)
 @given(
     first=PRIORITY,
     steps=st.lists(STEP, max_size=25),
 )
 def test_no_timer_outlives_its_state_and_none_fires_twice(
-    first: str | None, steps: list[tuple[Event, int, str | None]]
+    policy: Policy, first: str | None, steps: list[tuple[Event, int, str | None]]
 ) -> None:
-    sim = Sim(SHIPPED_LIKE)
+    assert policy.rules()
+    sim = Sim(policy)
     at = T0
     sim.event(Event.REFERRAL_CREATED, at, {"priority": first} if first else {})
     for event, gap, priority in steps:
