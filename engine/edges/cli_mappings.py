@@ -14,6 +14,8 @@ from engine.outbound.packets.registry import FORMATS
 from engine.outbound.routing import Outbound, OutboundError, load_outbound
 from engine.outbound.schema import SCHEMAS as OUTBOUND_SCHEMAS
 from engine.outbound.schema import render as render_outbound
+from engine.policy.schema import SCHEMAS as POLICY_SCHEMAS
+from engine.policy.schema import render as render_policy
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -104,4 +106,7 @@ def schema(directory: Path) -> None:
         click.echo(f"wrote {out / name}")
     for name in OUTBOUND_SCHEMAS:
         (out / name).write_text(render_outbound(name), encoding="utf-8")
+        click.echo(f"wrote {out / name}")
+    for name in POLICY_SCHEMAS:
+        (out / name).write_text(render_policy(name), encoding="utf-8")
         click.echo(f"wrote {out / name}")

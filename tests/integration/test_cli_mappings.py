@@ -13,6 +13,8 @@ from engine.edges.cli import main
 from engine.mapping.schema import SCHEMAS, render
 from engine.outbound.schema import SCHEMAS as OUTBOUND_SCHEMAS
 from engine.outbound.schema import render as render_outbound
+from engine.policy.schema import SCHEMAS as POLICY_SCHEMAS
+from engine.policy.schema import render as render_policy
 from tests.helpers import REFLOOP
 
 # TODO: drop the fallback once engine/edges/cli.py registers the group
@@ -243,11 +245,18 @@ def test_schema_writes_the_editor_schemas(tmp_path: Path) -> None:
     root = good_set(tmp_path / "maps")
     result = refloop("schema", str(root), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    names = [*SCHEMAS, *OUTBOUND_SCHEMAS]
+    names = [*SCHEMAS, *OUTBOUND_SCHEMAS, *POLICY_SCHEMAS]
     assert result.stdout.splitlines() == [f"wrote {root / '_schema' / name}" for name in names]
     for name in names:
         text = (root / "_schema" / name).read_text(encoding="utf-8")
-        assert text == (render(name) if name in SCHEMAS else render_outbound(name))
+        want = (
+            render(name)
+            if name in SCHEMAS
+            else render_outbound(name)
+            if name in OUTBOUND_SCHEMAS
+            else render_policy(name)
+        )
+        assert text == want
         assert json.loads(text)["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     # The written schemas are not part of the set.
     check = refloop("check", str(root), cwd=tmp_path)
