@@ -173,19 +173,29 @@ def _timeline_text(
         "events:",
     ]
     for e in events:
-        source = f"message {e['message_id']}" if e["message_id"] is not None else "internal"
-        if e["message_type"]:
-            source += f" {e['message_type']}"
-        if e["control_id"]:
-            source += f" ({e['control_id']})"
         lines.append(
             f"  #{e['sequence']:<3} {e['occurred_at']:%Y-%m-%d %H:%M}  {e['type']:23}  "
             f"{e['state_before'] or '-'} -> {e['state_after'] or '-'}"
         )
-        lines.append(
-            f"        from {source}, rule {e['mapping_id'] or '-'}/{e['rule_id'] or '-'}, "
-            f"linked by {e['correlation_method']} ({e['confidence']:.2f})"
-        )
+        fields = e.get("fields") or {}
+        if e["message_id"] is None and "delivery.id" in fields:
+            # An outcome the dispatcher recorded: which delivery, over what, and how.
+            detail = fields.get("delivery.detail") or fields.get("delivery.error") or ""
+            lines.append(
+                f"        delivery {fields['delivery.id']} ({fields.get('delivery.kind', '-')} "
+                f"{fields.get('delivery.format', '-')} via {fields.get('delivery.channel', '-')}"
+                f"), route {fields.get('delivery.route', '-')}" + (f": {detail}" if detail else "")
+            )
+        else:
+            source = f"message {e['message_id']}" if e["message_id"] is not None else "internal"
+            if e["message_type"]:
+                source += f" {e['message_type']}"
+            if e["control_id"]:
+                source += f" ({e['control_id']})"
+            lines.append(
+                f"        from {source}, rule {e['mapping_id'] or '-'}/{e['rule_id'] or '-'}, "
+                f"linked by {e['correlation_method']} ({e['confidence']:.2f})"
+            )
         if e["anomaly"]:
             lines.append(f"        ANOMALY: {e['anomaly']}")
     return lines

@@ -184,3 +184,26 @@ def test_refloop_listen_prints_what_arrives_and_answers_aa(tmp_path: Path) -> No
             sink.communicate()
     assert sink.returncode == 0
     assert "ORC|NW|P9^ACME" in out
+
+
+async def test_referrals_show_names_the_delivery_behind_an_outcome(
+    tmp_path: Path, upgraded_url: str
+) -> None:
+    from channels.base import Receipt
+    from channels.testing import FakeChannel
+    from tests.integration.test_dispatcher import dispatcher, rows, run_until
+
+    clock = Clock()
+    eng = open_engine(upgraded_url)
+    try:
+        normalise(eng, [orm("O1", "SHOW-1")], clock)
+        channel = FakeChannel("fake")
+        channel.play([Receipt(peer_reference="MSG1", detail="ACK AA")])
+        d = dispatcher(eng, channel, clock)
+        await run_until(d, lambda: rows(eng)[0].status == "delivered")
+    finally:
+        eng.dispose()
+    path = toml(tmp_path / "engine.toml", upgraded_url)
+    out = invoke("referrals", "show", "SHOW-1", "--config", str(path)).output
+    assert "referral.sent" in out
+    assert "delivery 1 (packet json.event via fake), route test-packet: ACK AA" in out
