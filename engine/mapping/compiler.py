@@ -25,16 +25,16 @@ not have (``{path: status, equals: activ}``) are all load errors. HL7-only parts
 
 from __future__ import annotations
 
-import difflib
 import re
 import zoneinfo
-from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 from engine.domain.events import CATALOGUE, FieldType
 from engine.domain.referral import Event
 from engine.mapping import fhirmodel
 from engine.mapping import plan as p
+from engine.mapping.checker import Abandon, Checker, hint
 from engine.mapping.fhirpath import FhirPath, FhirPathError, compile_fhirpath
 from engine.mapping.source import Document, KeyPath, SourceError
 from engine.protocol.hl7path import PathError, parse_path
@@ -114,90 +114,26 @@ _READER_FOR = {
 }
 
 
-T = TypeVar("T")
-
-
-class _Abandon(Exception):
-    """Stop compiling the current unit; its error is already recorded."""
-
-
-class Compiler:
+class Compiler(Checker[SourceError]):
     """Compiles one document; collects every error instead of stopping at the first."""
 
     def __init__(self, doc: Document, overlay: str | None, valuesets: frozenset[str]) -> None:
-        self.doc = doc
+        super().__init__(doc)
         self.overlay = overlay
         self.valuesets = valuesets
-        self.errors: list[SourceError] = []
         self.segments: set[str] = set()
         self.input = p.Input.HL7V2
         self.resource_types: tuple[str, ...] = ()
         self.elements: set[str] = set()  # top-level FHIR elements some path reads
         self.field_sets: dict[str, dict[str, tuple[p.Spec, KeyPath]]] = {}
 
-    # ---- error helpers ------------------------------------------------------------
-
-    def fail(self, at: KeyPath, message: str) -> NoReturn:
-        self.errors.append(self.doc.error(at, message))
-        raise _Abandon
-
-    def fail_at_key(self, at: KeyPath, message: str) -> NoReturn:
-        self.errors.append(self.doc.key_error(at, message))
-        raise _Abandon
-
-    def report(self, at: KeyPath, message: str) -> None:
-        """Record an error and carry on with the current unit."""
-        self.errors.append(self.doc.error(at, message))
-
-    def where(self, at: KeyPath) -> str:
-        err = self.doc.error(at, "")
-        return f"{err.file}:{err.line}:{err.column}"
-
-    def attempt(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """Compile one unit; its error is recorded and the rest of the file goes on."""
-        try:
-            return fn(*args)
-        except _Abandon:
-            return None
-
-    def mapping_of(self, value: Any, at: KeyPath, what: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(at, f"{what} must be a mapping of keys to values")
-        return value
-
-    def list_of(self, value: Any, at: KeyPath, what: str) -> list[Any]:
-        if not isinstance(value, list):
-            self.fail(at, f"{what} must be a list (one `- item` per line)")
-        return value
-
-    def text(self, value: Any, at: KeyPath, what: str) -> str:
-        if not isinstance(value, str) or value == "":
-            self.fail(at, f"{what} must be text")
-        return value
-
-    def flag(self, value: Any, at: KeyPath, what: str) -> bool:
-        if value in ("true", "false"):
-            return bool(value == "true")
-        return self.fail(at, f"{what} must be true or false")
+    def keep(self, error: SourceError) -> SourceError:
+        return error
 
     def integer(self, value: Any, at: KeyPath, what: str) -> int:
         if isinstance(value, str) and value.lstrip("-").isdigit():
             return int(value)
         return self.fail(at, f"{what} must be a whole number")
-
-    def choice(self, value: Any, at: KeyPath, what: str, options: tuple[str, ...]) -> str:
-        if value not in options:
-            self.fail(at, f"{what} must be one of {', '.join(options)}{_hint(value, options)}")
-        return str(value)
-
-    def known_keys(self, data: dict[str, Any], at: KeyPath, allowed: tuple[str, ...]) -> None:
-        for key in data:
-            if key not in allowed:
-                self.fail_at_key(
-                    (*at, key),
-                    f"unknown key {key!r}{_hint(key, allowed)}; expected one of "
-                    f"{', '.join(allowed)}",
-                )
 
     # ---- paths ----------------------------------------------------------------------
 
@@ -402,7 +338,7 @@ class Compiler:
             if value not in ("trim", "upper", "lower", "digits"):
                 self.fail(
                     at,
-                    f"unknown transform {value!r}{_hint(value, TRANSFORMS)}; "
+                    f"unknown transform {value!r}{hint(value, TRANSFORMS)}; "
                     f"expected one of {', '.join(TRANSFORMS)}",
                 )
             return p.Transform(value)
@@ -430,7 +366,7 @@ class Compiler:
             return p.Transform(name, zone=self.zone(arg, here))
         return self.fail(
             here,
-            f"unknown transform {name!r}{_hint(name, TRANSFORMS)}; expected one of "
+            f"unknown transform {name!r}{hint(name, TRANSFORMS)}; expected one of "
             f"{', '.join(TRANSFORMS)}",
         )
 
@@ -446,7 +382,7 @@ class Compiler:
         if name not in self.valuesets:
             self.fail(
                 at,
-                f"no value set {name!r}{_hint(name, tuple(self.valuesets))} (value sets "
+                f"no value set {name!r}{hint(name, tuple(self.valuesets))} (value sets "
                 "live in valuesets/ folders)",
             )
         return name
@@ -529,7 +465,7 @@ class Compiler:
     def mapping(self) -> p.Mapping | None:
         try:
             return self._mapping()
-        except _Abandon:
+        except Abandon:
             return None
 
     def _mapping(self) -> p.Mapping:
@@ -639,7 +575,7 @@ class Compiler:
             seen[rule.id] = i
             rules.append(rule)
         if self.errors:
-            raise _Abandon
+            raise Abandon
         return p.Mapping(
             id=mapping_id,
             file=self.doc.file,
@@ -673,8 +609,8 @@ class Compiler:
             try:
                 fhirmodel.resource_model(name)
             except fhirmodel.UnknownType as exc:
-                hint = f" (did you mean {exc.hint!r}?)" if exc.hint else ""
-                self.fail(here, f"{name!r} is not a FHIR R4 resource type{hint}")
+                meant = f" (did you mean {exc.hint!r}?)" if exc.hint else ""
+                self.fail(here, f"{name!r} is not a FHIR R4 resource type{meant}")
             if name in out:
                 self.fail(here, f"{name} is listed twice")
             out.append(name)
@@ -695,7 +631,7 @@ class Compiler:
                 if text not in known:
                     self.fail(
                         here,
-                        f"{kind} has no element {text!r}{_hint(text, tuple(known))} "
+                        f"{kind} has no element {text!r}{hint(text, tuple(known))} "
                         "(elements.ignore lists top-level elements, e.g. note, encounter)",
                     )
         strict = self.flag(data["strict"], (*at, "strict"), "strict") if "strict" in data else False
@@ -738,7 +674,7 @@ class Compiler:
         if emit_text != IGNORE and emit_text not in events:
             self.fail(
                 (*at, "emit"),
-                f"unknown event {emit_text!r}{_hint(emit_text, events)}; "
+                f"unknown event {emit_text!r}{hint(emit_text, events)}; "
                 "expected a canonical event (see README) or `ignore`",
             )
         emit = None if emit_text == IGNORE else Event(emit_text)
@@ -766,7 +702,7 @@ class Compiler:
                 self.fail((*at, "use", i), "use lists field set names (text)")
             if name not in self.field_sets:
                 self.fail(
-                    (*at, "use", i), f"no field set {name!r}{_hint(name, tuple(self.field_sets))}"
+                    (*at, "use", i), f"no field set {name!r}{hint(name, tuple(self.field_sets))}"
                 )
             fields.update(self.field_sets[name])
         own = self.mapping_of(data.get("fields", {}), (*at, "fields"), "fields")
@@ -808,8 +744,8 @@ class Compiler:
         for name, (spec, here) in fields.items():
             kind = spec_of.fields.get(name)
             if kind is None:
-                hint = _hint(name, tuple(spec_of.fields))
-                self.report(here, f"{emit.value} has no field {name!r}{hint}")
+                meant = hint(name, tuple(spec_of.fields))
+                self.report(here, f"{emit.value} has no field {name!r}{meant}")
                 continue
             produced = _produces(spec)
             if produced is not None and produced not in COMPATIBLE[kind]:
@@ -848,7 +784,7 @@ class Compiler:
                 name = self.text(data["timezone"], ("timezone",), "timezone")
                 zone = (self.zone(name, ("timezone",)), name)
             return p.SourceSettings(self.overlay or "", self.doc.file, zone)
-        except _Abandon:
+        except Abandon:
             return None
 
     # ---- value sets -----------------------------------------------------------------
@@ -856,7 +792,7 @@ class Compiler:
     def valueset(self) -> p.ValueSet | None:
         try:
             return self._valueset()
-        except _Abandon:
+        except Abandon:
             return None
 
     def _valueset(self) -> p.ValueSet:
@@ -899,13 +835,6 @@ class Compiler:
 def _sep(data: dict[str, Any]) -> str:
     sep = data.get("sep")
     return ", " if sep is None else str(sep).replace("\\n", "\n")
-
-
-def _hint(value: Any, options: tuple[str, ...]) -> str:
-    if not isinstance(value, str):
-        return ""
-    close = difflib.get_close_matches(value, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _produces(spec: p.Spec) -> p.Reader | None:

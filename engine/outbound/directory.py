@@ -22,15 +22,15 @@ The :class:`Directory` itself is pure lookups. Inactive entries are invisible to
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
-from engine.mapping.source import Document, KeyPath, SourceError, loads
+from engine.mapping.checker import TextChecker, hint
+from engine.mapping.source import KeyPath, SourceError, loads
 from engine.outbound.model import Party, Specialist, Target
 
 DIRECTORY_SCHEMA = "referral-directory/v1"
@@ -71,7 +71,6 @@ ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 #: The prefix the NPI check digit is computed over (ISO 7812: 80 health, 840 USA).
 NPI_PREFIX = "80840"
 
-T = TypeVar("T")
 Record = Callable[[Path, bytes], None]
 
 
@@ -98,13 +97,6 @@ def npi_valid(npi: str) -> bool:
     return total % 10 == 0
 
 
-def hint(value: Any, options: Collection[str]) -> str:
-    if not isinstance(value, str):
-        return ""
-    close = difflib.get_close_matches(value, sorted(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def unknown_name(kind: str, value: str, known: Collection[str] | None) -> str | None:
     """Why ``value`` is not a usable format/channel name, or None when it is (or when the
     caller does not know the names)."""
@@ -117,85 +109,9 @@ def unknown_name(kind: str, value: str, known: Collection[str] | None) -> str | 
     return f"unknown format {value!r}{hint(value, known)} (the engine renders: {rendered})"
 
 
-class _Abandon(Exception):
-    """Stop checking the current unit; its error is already recorded."""
-
-
-class Checker:
-    """Validation helpers over one YAML document; collects every error as text."""
-
-    def __init__(self, doc: Document) -> None:
-        self.doc = doc
-        self.errors: list[str] = []
-
-    def fail(self, at: KeyPath, message: str) -> NoReturn:
-        self.report(at, message)
-        raise _Abandon
-
-    def fail_at_key(self, at: KeyPath, message: str) -> NoReturn:
-        self.errors.append(str(self.doc.key_error(at, message)))
-        raise _Abandon
-
-    def report(self, at: KeyPath, message: str) -> None:
-        self.errors.append(str(self.doc.error(at, message)))
-
-    def where(self, at: KeyPath) -> str:
-        err = self.doc.error(at, "")
-        return f"{err.file}:{err.line}:{err.column}"
-
-    def attempt(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """Check one unit (a route, an entry); on error the rest of the file goes on."""
-        try:
-            return fn(*args)
-        except _Abandon:
-            return None
-
-    def mapping(self, value: Any, at: KeyPath, what: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(at, f"{what} must be a mapping of keys to values")
-        return value
-
-    def items(self, value: Any, at: KeyPath, what: str) -> list[Any]:
-        if not isinstance(value, list):
-            self.fail(at, f"{what} must be a list (one `- item` per line)")
-        return value
-
-    def text(self, value: Any, at: KeyPath, what: str) -> str:
-        if not isinstance(value, str) or value == "":
-            self.fail(at, f"{what} must be text")
-        return value
-
-    def texts(self, value: Any, at: KeyPath, what: str) -> tuple[str, ...]:
-        """One text or a list of them."""
-        if isinstance(value, str) and value:
-            return (value,)
-        if isinstance(value, list) and value:
-            return tuple(self.text(v, (*at, i), what) for i, v in enumerate(value))
-        return self.fail(at, f"{what} must be text or a non-empty list of text")
-
-    def flag(self, value: Any, at: KeyPath, what: str) -> bool:
-        if value in ("true", "false"):
-            return bool(value == "true")
-        return self.fail(at, f"{what} must be true or false")
-
-    def choice(self, value: Any, at: KeyPath, what: str, options: tuple[str, ...]) -> str:
-        if value not in options:
-            self.fail(at, f"{what} must be one of {', '.join(options)}{hint(value, options)}")
-        return str(value)
-
-    def known_keys(self, data: dict[str, Any], at: KeyPath, allowed: tuple[str, ...]) -> None:
-        for key in data:
-            if key not in allowed:
-                self.fail_at_key(
-                    (*at, key),
-                    f"unknown key {key!r}{hint(key, allowed)}; expected one of "
-                    f"{', '.join(allowed)}",
-                )
-
-    def required(self, data: dict[str, Any], at: KeyPath, keys: tuple[str, ...], what: str) -> None:
-        missing = [k for k in keys if k not in data]
-        if missing:
-            self.fail(at, f"{what} needs {', '.join(missing)}")
+class Checker(TextChecker):
+    """The shared checks plus the directory's own: receivers, optional text, known
+    format/channel names and the ``schema:`` line."""
 
     def party(self, value: Any, at: KeyPath) -> Party:
         data = self.mapping(value, at, "receiver")

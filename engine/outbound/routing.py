@@ -40,13 +40,13 @@ from types import MappingProxyType
 from typing import Any
 
 from engine.domain.referral import Event, State
+from engine.mapping.checker import hint
 from engine.mapping.source import Document, KeyPath, SourceError, loads
 from engine.outbound.directory import (
     YAML_SUFFIXES,
     Checker,
     Directory,
     OutboundError,
-    hint,
     read_directory,
 )
 from engine.outbound.model import DeliveryRequest, Party, Specialist, Trigger

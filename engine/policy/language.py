@@ -35,7 +35,6 @@ frozen :class:`Policy`; :mod:`engine.policy.timers` makes the decisions with it.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -43,10 +42,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 from engine.domain.referral import Event, State
-from engine.mapping.source import Document, KeyPath, SourceError, loads
+from engine.mapping.checker import Abandon, TextChecker
+from engine.mapping.checker import hint as hint
+from engine.mapping.source import KeyPath, SourceError, loads
 
 __all__ = [
     "POLICIES_DIR",
@@ -248,67 +249,10 @@ EMPTY = Policy(digest=hashlib.sha256().hexdigest()[:16])
 
 # ---- checking ----------------------------------------------------------------------------
 
-T = TypeVar("T")
 
-
-class _Abandon(Exception):
-    """Stop checking the current unit; its error is already recorded."""
-
-
-def hint(value: Any, options: Collection[str]) -> str:
-    if not isinstance(value, str):
-        return ""
-    close = difflib.get_close_matches(value, sorted(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-class Checker:
-    """Validation helpers over one YAML document; collects every error as text."""
-
-    def __init__(self, doc: Document) -> None:
-        self.doc = doc
-        self.errors: list[str] = []
-
-    def fail(self, at: KeyPath, message: str) -> NoReturn:
-        self.report(at, message)
-        raise _Abandon
-
-    def report(self, at: KeyPath, message: str) -> None:
-        self.errors.append(str(self.doc.error(at, message)))
-
-    def where(self, at: KeyPath) -> str:
-        err = self.doc.error(at, "")
-        return f"{err.file}:{err.line}:{err.column}"
-
-    def attempt(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """Check one unit (a rule, a step); on error the rest of the file goes on."""
-        try:
-            return fn(*args)
-        except _Abandon:
-            return None
-
-    def mapping(self, value: Any, at: KeyPath, what: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(at, f"{what} must be a mapping of keys to values")
-        return value
-
-    def items(self, value: Any, at: KeyPath, what: str) -> list[Any]:
-        if not isinstance(value, list):
-            self.fail(at, f"{what} must be a list (one `- item` per line)")
-        return value
-
-    def text(self, value: Any, at: KeyPath, what: str) -> str:
-        if not isinstance(value, str) or value == "":
-            self.fail(at, f"{what} must be text")
-        return value
-
-    def texts(self, value: Any, at: KeyPath, what: str) -> tuple[str, ...]:
-        """One text or a non-empty list of them."""
-        if isinstance(value, str) and value:
-            return (value,)
-        if isinstance(value, list) and value:
-            return tuple(self.text(v, (*at, i), what) for i, v in enumerate(value))
-        return self.fail(at, f"{what} must be text or a non-empty list of text")
+class Checker(TextChecker):
+    """The shared checks plus the policy language's own: codes, lists of names, durations
+    and levels."""
 
     def code(self, value: Any, at: KeyPath, what: str) -> str:
         found = self.text(value, at, what)
@@ -352,21 +296,8 @@ class Checker:
             self.fail(at, f"level must be a whole number from 1 to {MAX_LEVEL}")
         return int(text)
 
-    def known_keys(self, data: dict[str, Any], at: KeyPath, allowed: tuple[str, ...]) -> None:
-        for key in data:
-            if key not in allowed:
-                self.errors.append(
-                    str(
-                        self.doc.key_error(
-                            (*at, key),
-                            f"unknown key {key!r}{hint(key, allowed)}; expected one of "
-                            f"{', '.join(allowed)}",
-                        )
-                    )
-                )
-                raise _Abandon
-
     def required(self, data: dict[str, Any], at: KeyPath, keys: tuple[str, ...], what: str) -> None:
+        # a key written with no value (``within:``) is as missing as one not written
         missing = [k for k in keys if data.get(k) is None]
         if missing:
             self.fail(at, f"{what} needs {', '.join(missing)}")
@@ -564,7 +495,7 @@ def _ladder(check: Checker, value: Any, at: KeyPath, loading: _Loading) -> Ladde
             failed = True
         steps.append(step)
     if failed:
-        raise _Abandon
+        raise Abandon
     return Ladder(ident, f"ladder:{family}", scope, tuple(steps), check.where(at))
 
 
