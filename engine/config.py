@@ -333,6 +333,9 @@ class OutboundConfig(_Frozen):
     lease_seconds: float = Field(default=300.0, gt=0)
     # How long shutdown waits for deliveries on the wire before taking them back.
     stop_seconds: float = Field(default=10.0, ge=0, le=300)
+    # Processes that render packets (hl7apy's validation is CPU: off the daemon's core,
+    # on the other). 0: render in the dispatcher's thread (a one-core machine).
+    render_processes: int = Field(default=1, ge=0, le=8)
     # Who we are in the packets we send (MSH-3 / MSH-4).
     sending_application: str = Field(default="REFLOOP", min_length=1, max_length=180)
     sending_facility: str = Field(default="", max_length=180)

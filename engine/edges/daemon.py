@@ -165,6 +165,7 @@ class Daemon:
                 self.config.outbound,
                 self.metrics,
                 route_options=lambda route: holder.outbound.options(route),
+                render_processes=self.config.outbound.render_processes,
             )
         if not self.config.normalizer.enabled:
             mappings = None

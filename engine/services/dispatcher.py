@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -91,6 +92,19 @@ def control_id(delivery_key: str) -> str:
     """MSH-10 for a delivery: stable across retries (the peer's duplicate check), unique
     across databases (not the row id, which a fresh database reuses), 20 characters."""
     return "RL" + delivery_key.replace("-", "")[:18].upper()
+
+
+_WORKER_RENDERERS: Mapping[str, Renderer] | None = None
+
+
+def render_named(format_name: str, ctx: PacketContext) -> Rendered:
+    """A render process's work: the registry's renderer for ``format_name``."""
+    global _WORKER_RENDERERS
+    if _WORKER_RENDERERS is None:
+        from engine.outbound.packets.registry import renderers
+
+        _WORKER_RENDERERS = renderers()
+    return _WORKER_RENDERERS[format_name](ctx)
 
 
 def policy_of(settings: ChannelSettings) -> Policy:
@@ -310,8 +324,12 @@ class Dispatcher:
         clock: Callable[[], datetime] | None = None,
         worker: str | None = None,
         route_options: Callable[[str], Mapping[str, str]] | None = None,
+        render_processes: int = 0,
     ) -> None:
         self.config = config
+        # > 0 only with the registry's own renderers (a worker looks them up by name).
+        self.render_processes = render_processes
+        self._render_pool: Executor | None = None
         self.route_options = route_options or (lambda _route: {})
         self.metrics = metrics
         self.renderers = renderers
@@ -365,6 +383,8 @@ class Dispatcher:
         for slot in self.slots.values():
             with contextlib.suppress(Exception):
                 await slot.channel.aclose()
+        if self._render_pool is not None:
+            self._render_pool.shutdown(wait=True, cancel_futures=True)
         await self._call(self.store.close)
         self._executor.shutdown(wait=True)
 
@@ -449,9 +469,14 @@ class Dispatcher:
             if renderer is None:
                 return Outcome("dead", reason=f"unknown packet format {d.format!r}")
             try:
-                rendered = await self._call(self._render, d, renderer)
+                rendered = await self._render(d, renderer)
             except RenderError as exc:
                 return Outcome("dead", reason=f"payload not built: {exc.reason}")
+            except BrokenExecutor:
+                # The render process died (not this delivery's fault): a new one is
+                # started for the next try.
+                self._render_pool = None
+                return self._failed(d, slot, RetryableError("the render process died"))
             payload, content_type, meta = (
                 rendered.payload,
                 rendered.content_type,
@@ -483,21 +508,42 @@ class Dispatcher:
             self.metrics.delivery_seconds.labels(d.channel).observe(time.perf_counter() - started)
         return Outcome("delivered" if receipt.confirmed else "sent", receipt=receipt)
 
-    def _render(self, d: Delivery, renderer: Renderer) -> Rendered:
-        """In the store's thread: read the context, render, keep the payload."""
+    async def _render(self, d: Delivery, renderer: Renderer) -> Rendered:
+        """Read the context (store thread), render (a render process when configured:
+        hl7apy's validation is CPU the daemon's core is short of; else the store
+        thread), keep the payload (store thread)."""
         recipient = self.directory(d.recipient_id) if d.recipient_id else None
-        ctx = self.store.context(
-            d, self.clock(), self.sender, recipient, self.route_options(d.route_id)
+        ctx = await self._call(
+            self.store.context,
+            d,
+            self.clock(),
+            self.sender,
+            recipient,
+            self.route_options(d.route_id),
         )
+        pool = self._pool()
         try:
-            rendered = renderer(ctx)
-        except RenderError:
+            if pool is not None:
+                loop = asyncio.get_running_loop()
+                rendered = await loop.run_in_executor(pool, render_named, d.format, ctx)
+            else:
+                rendered = await self._call(renderer, ctx)
+        except (RenderError, BrokenExecutor):
             raise
         except Exception as exc:  # a renderer bug: permanent for this delivery, logged
             log.error("dispatcher.render.crashed", format=d.format, error=type(exc).__name__)
             raise RenderError(f"renderer {d.format} raised {type(exc).__name__}") from None
-        self.store.save_render(d, rendered)
+        await self._call(self.store.save_render, d, rendered)
         return rendered
+
+    def _pool(self) -> Executor | None:
+        if self.render_processes <= 0:
+            return None
+        if self._render_pool is None:
+            self._render_pool = ProcessPoolExecutor(
+                self.render_processes, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._render_pool
 
     def _failed(self, d: Delivery, slot: _Slot, exc: ChannelError) -> Outcome:
         now = self.clock()

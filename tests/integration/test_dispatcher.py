@@ -10,7 +10,7 @@ end). Time is a clock the test moves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -85,7 +85,8 @@ def dispatcher(
     channel: FakeChannel,
     clock: Clock,
     *,
-    renderers: dict[str, Renderer] | None = None,
+    renderers: Mapping[str, Renderer] | None = None,
+    render_processes: int = 0,
     **settings: Any,
 ) -> Dispatcher:
     cfg = FakeSettings(type="fake", backoff_initial_seconds=10, backoff_max_seconds=60, **settings)
@@ -97,6 +98,7 @@ def dispatcher(
         OutboundConfig(poll_seconds=0.05, lease_seconds=60),
         Metrics(),
         clock=clock,
+        render_processes=render_processes,
     )
 
 
@@ -364,3 +366,32 @@ async def test_two_dispatchers_on_one_postgres_deliver_each_packet_once(
 
 def test_party_defaults_name_refloop() -> None:
     assert Party().application == "REFLOOP"
+
+
+async def test_packets_render_in_a_render_process(engine: Engine, clock: Clock) -> None:
+    from engine.outbound.packets.registry import renderers
+
+    normalise(engine, [lm.orm("O1", "P100")], clock)
+    channel = FakeChannel("fake")
+    d = dispatcher(engine, channel, clock, renderers=renderers(), render_processes=1)
+    await run_until(d, lambda: rows(engine)[0].status == "delivered")
+    [envelope] = channel.sent
+    assert envelope.payload == rows(engine)[0].payload
+    assert b'"type":"referral.created"' in envelope.payload
+
+
+async def test_a_render_error_in_the_render_process_dead_letters_with_its_reason(
+    engine: Engine, clock: Clock
+) -> None:
+    from engine.outbound.packets.registry import renderers
+
+    normalise(engine, [lm.orm("O1", "P100")], clock)
+    # Status write-back of a referral still `created` has no ORC-5 to send: a RenderError
+    # raised in the worker process, carried back with its reason.
+    with engine.begin() as conn:
+        conn.execute(deliveries.update().values(format="hl7v2.orm_status"))
+    channel = FakeChannel("fake")
+    d = dispatcher(engine, channel, clock, renderers=renderers(), render_processes=1)
+    await run_until(d, lambda: rows(engine)[0].status == "dead" and not d._attempts)
+    assert channel.sent == []
+    assert rows(engine)[0].last_error.startswith("payload not built: ")
