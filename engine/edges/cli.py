@@ -137,6 +137,7 @@ def config_check(file: Path | None, config_file: Path | None) -> None:
                 tls_context(listener, config.source.parent)
             except ConfigError as exc:
                 problems.append(f"{path}: mllp.listeners[{i}].tls: {exc}")
+        problems += _check_channels(config)
     digest = None
     if config.normalizer.enabled:
         # The daemon refuses to start on a mapping set that does not load: say so now.
@@ -149,6 +150,26 @@ def config_check(file: Path | None, config_file: Path | None) -> None:
     click.echo(
         f"{path}: ok (listeners: {names}; http: {config.http.host}:{config.http.port}{sets})"
     )
+
+
+def _check_channels(config: Config) -> list[str]:
+    """Build every channel as the daemon would, so files a channel loads at start (an
+    MLLP channel's TLS certificates, a CA file) fail here rather than at 3 a.m."""
+    import asyncio
+
+    from channels.base import ChannelConfigError, ChannelContext
+    from channels.registry import plugin
+
+    problems = []
+    context = ChannelContext(base_dir=config.source.parent)
+    for name, settings in config.channels.items():
+        try:
+            channel = plugin(settings.type)(name, settings, context)
+        except ChannelConfigError as exc:
+            problems += [f"{config.source}: channels.{name}.{p}" for p in exc.problems]
+            continue
+        asyncio.run(channel.aclose())
+    return problems
 
 
 def _check_mappings(config: Config) -> tuple[str | None, list[str]]:

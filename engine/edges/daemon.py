@@ -108,13 +108,17 @@ def load_mappings(config: Config, metrics: Metrics) -> MappingHolder:
 
 def build_channels(config: Config) -> dict[str, Any]:
     """Every configured channel, built by its plugin: ``{name: (channel, settings)}``."""
-    from channels.base import ChannelContext
+    from channels.base import ChannelConfigError, ChannelContext
     from channels.registry import plugin
 
     context = ChannelContext(base_dir=config.source.parent)
     out: dict[str, Any] = {}
     for name, settings in config.channels.items():
-        out[name] = (plugin(settings.type)(name, settings, context), settings)
+        try:
+            out[name] = (plugin(settings.type)(name, settings, context), settings)
+        except ChannelConfigError as exc:
+            lines = "; ".join(f"channels.{name}.{p}" for p in exc.problems)
+            raise StartupError(f"{config.source}: {lines}") from None
     return out
 
 

@@ -207,3 +207,14 @@ async def test_referrals_show_names_the_delivery_behind_an_outcome(
     out = invoke("referrals", "show", "SHOW-1", "--config", str(path)).output
     assert "referral.sent" in out
     assert "delivery 1 (packet json.event via fake), route test-packet: ACK AA" in out
+
+
+def test_config_check_builds_channels_so_a_missing_tls_file_shows_now(tmp_path: Path) -> None:
+    table = (
+        '[channels.spec]\ntype = "mllp"\nport = 1\n\n'
+        '[channels.spec.tls]\nca_file = "no-such-ca.pem"\n'
+    )
+    path = toml(tmp_path / "tls.toml", f"sqlite:///{tmp_path}/x.db", table)
+    result = invoke("config", "check", str(path))
+    assert result.exit_code == 1
+    assert f"{path}: channels.spec.tls.ca_file: cannot load" in result.output
