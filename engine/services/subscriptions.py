@@ -64,7 +64,7 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine
 
-from channels._http import USER_AGENT, classify_exception
+from channels._http import async_client, classify_exception, httpx_verify
 from channels.base import ChannelContext, ChannelError
 from channels.fhir import FhirSettings
 from channels.smart import SmartTokenClient
@@ -152,12 +152,8 @@ class SourceServer:
         self.settings = settings
         self.base = settings.base_url.rstrip("/")
         self._context = context
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.timeout_seconds),
-            verify=self._tls(),
-            follow_redirects=False,
-            headers={"User-Agent": USER_AGENT, "Accept": FHIR_JSON},
-        )
+        self._http = async_client(settings.timeout_seconds, self._tls())
+        self._http.headers["Accept"] = FHIR_JSON
         self._smart = (
             SmartTokenClient(settings.smart, self._http, context)
             if settings.auth == "smart" and settings.smart is not None
@@ -167,11 +163,7 @@ class SourceServer:
     def _tls(self) -> ssl.SSLContext | bool:
         if not self.settings.verify:
             return False
-        ca_file = self.settings.ca_file
-        if ca_file is None:
-            return True
-        path = ca_file if ca_file.is_absolute() else self._context.base_dir / ca_file
-        return ssl.create_default_context(cafile=str(path))
+        return httpx_verify(self.settings.ca_file, self._context.base_dir)
 
     @property
     def peer(self) -> str:
