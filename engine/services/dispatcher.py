@@ -75,6 +75,7 @@ from engine.protocol.hl7v2 import HeaderError, codec_for, decode
 from engine.services.pipeline import canonical_json
 from engine.store.eventlog import Changes, EventLog, EventRow, LogConnection
 from engine.store.outbox import Delivery
+from engine.store.schema import is_fhir_message
 
 log = get_logger("refloop.dispatcher")
 
@@ -167,7 +168,7 @@ class DispatchStore(LogConnection):
         for role, mid in (("order", order_id), ("trigger", ev.message_id)):
             if mid is not None and mid in raws:
                 raw, charset, mtype = raws[mid]
-                if mtype.startswith("FHIR:"):
+                if is_fhir_message(mtype):
                     continue  # renderers read HL7 v2 sources; a FHIR one's data is canonical
                 with contextlib.suppress(HeaderError, LookupError, UnicodeDecodeError):
                     sources[role] = decode(raw, codec_for(charset or "", "utf-8"))

@@ -71,6 +71,7 @@ from engine.store.eventlog import (
     MessageUpdate,
     StoredMessage,
 )
+from engine.store.schema import is_fhir_message
 
 log = get_logger("refloop.normaliser")
 
@@ -106,14 +107,10 @@ def sources_from(
     return out
 
 
-#: ``messages.message_type`` of a stored FHIR resource: ``FHIR:ServiceRequest`` …
-FHIR_PREFIX = "FHIR:"
-
-
 def normalise_message(mapping_set: MappingSet, m: StoredMessage, source: Source) -> Normalised:
     """Decode and normalise one stored message (HL7 v2, or a FHIR resource stored by the
     FHIR endpoints); never raises (a failure is the result)."""
-    if (m.message_type or "").startswith(FHIR_PREFIX):
+    if is_fhir_message(m.message_type):
         return _normalise_resource(mapping_set, m, source)
     try:
         text = decode(m.raw, codec_for(m.charset or "", source.default_charset))

@@ -37,6 +37,7 @@ from engine.protocol.ack import next_control_id
 from engine.protocol.fhir import fhir_conflict
 from engine.services.intake import conflict_answer
 from engine.store.ingest import ConflictCheck, IngestStore, Written
+from engine.store.schema import is_fhir_message
 
 log = get_logger("refloop.ingest")
 
@@ -277,6 +278,6 @@ def _resolve_all(
 def _conflict_check(row: dict[str, Any], original_raw: bytes, original_id: int) -> Any:
     # A FHIR resend is judged by FHIR's rules (same version, same content), an HL7 one by
     # its content without MSH-7.
-    if str(row.get("message_type") or "").startswith("FHIR:"):
+    if is_fhir_message(row.get("message_type")):
         return fhir_conflict(row, original_raw, original_id)
     return conflict_answer(row, original_raw, original_id, control_id=next_control_id())

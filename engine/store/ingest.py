@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from engine.store.schema import NORMALISER_COLUMNS, messages
+from engine.store.schema import NORMALISER_COLUMNS, is_fhir_message, messages
 
 COLUMNS = [c.name for c in messages.columns if c.name != "id" and c.name not in NORMALISER_COLUMNS]
 _TIME = COLUMNS.index("received_at")
@@ -139,7 +139,7 @@ class IngestStore:
         if raw is not None:
             row["error"] = (
                 f"a resend of message {orig_id}"
-                if str(row.get("message_type") or "").startswith("FHIR:")
+                if is_fhir_message(row.get("message_type"))
                 else f"a resend of message {orig_id} with a new MSH-7"
             )
         cur.execute(self._insert, self._params(row))

@@ -110,6 +110,16 @@ messages = Table(
     Index(None, "received_at"),
 )
 
+#: ``messages.message_type`` of a stored FHIR resource is this prefix + its resourceType
+#: (``FHIR:ServiceRequest``); every HL7 message has its MSH-9 there instead.
+FHIR_MESSAGE_TYPE_PREFIX = "FHIR:"
+
+
+def is_fhir_message(message_type: str | None) -> bool:
+    """The stored row is a FHIR resource (not an HL7 v2 message)."""
+    return (message_type or "").startswith(FHIR_MESSAGE_TYPE_PREFIX)
+
+
 #: Columns of ``messages`` the normaliser owns; the ingest hot path leaves them to
 #: their defaults.
 NORMALISER_COLUMNS = frozenset(
