@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -18,18 +17,18 @@ from engine.store.outbox import Delivery, Outbox
 from engine.store.schema import DELIVERY_STATUSES
 
 
-def _outbox(config_file: Path | None) -> tuple[Any, Outbox]:
+@contextlib.contextmanager
+def _outbox(config_file: Path | None) -> Iterator[Outbox]:
+    """The outbox of the configured database, on one connection for the command."""
     config = load(config_file)
     engine = open_checked(config)
     raw = engine.raw_connection()
-    return (engine, raw), Outbox(raw.driver_connection, engine.dialect.name)
-
-
-def _close(handle: Any) -> None:
-    engine, raw = handle
-    with contextlib.suppress(Exception):
-        raw.close()
-    engine.dispose()
+    try:
+        yield Outbox(raw.driver_connection, engine.dialect.name)
+    finally:
+        with contextlib.suppress(Exception):
+            raw.close()
+        engine.dispose()
 
 
 def _line(d: Delivery) -> str:
@@ -62,11 +61,8 @@ def list_deliveries(
     as_json: bool,
 ) -> None:
     """Deliveries, newest first (never their payload: it holds PHI)."""
-    handle, outbox = _outbox(config_file)
-    try:
+    with _outbox(config_file) as outbox:
         rows = outbox.search(status=status, channel=channel, referral_id=referral_id, limit=limit)
-    finally:
-        _close(handle)
     for d in rows:
         click.echo(json.dumps(d.summary()) if as_json else _line(d))
     if not rows and not as_json:
@@ -79,11 +75,8 @@ def list_deliveries(
 @click.option("--json", "as_json", is_flag=True)
 def show_delivery(config_file: Path | None, delivery_id: int, as_json: bool) -> None:
     """One delivery: its status, attempts, receipt or last error."""
-    handle, outbox = _outbox(config_file)
-    try:
+    with _outbox(config_file) as outbox:
         rows = outbox.get([delivery_id])
-    finally:
-        _close(handle)
     if not rows:
         raise click.ClickException(f"no delivery with id {delivery_id}")
     summary = rows[0].summary()
@@ -105,11 +98,8 @@ def retry(config_file: Path | None, delivery_ids: Sequence[int], all_dead: bool)
     it drops the repeat."""
     if bool(delivery_ids) == all_dead:
         raise click.UsageError("name delivery ids or --dead (not both)")
-    handle, outbox = _outbox(config_file)
-    try:
+    with _outbox(config_file) as outbox:
         done = outbox.retry(None if all_dead else list(delivery_ids), datetime.now(UTC))
-    finally:
-        _close(handle)
     missing = sorted(set(delivery_ids) - set(done))
     for i in done:
         click.echo(f"{i}: pending (due now)")
@@ -126,12 +116,9 @@ def retry(config_file: Path | None, delivery_ids: Sequence[int], all_dead: bool)
 @click.argument("delivery_id", type=int)
 def cancel(config_file: Path | None, delivery_id: int) -> None:
     """Stop a pending or dead delivery from going out (kept, marked cancelled)."""
-    handle, outbox = _outbox(config_file)
-    try:
+    with _outbox(config_file) as outbox:
         ok = outbox.cancel(delivery_id, datetime.now(UTC))
         rows = [] if ok else outbox.get([delivery_id])
-    finally:
-        _close(handle)
     if not ok:
         if not rows:
             raise click.ClickException(f"no delivery with id {delivery_id}")
