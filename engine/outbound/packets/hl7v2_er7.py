@@ -31,6 +31,9 @@ Er7 = NewType("Er7", str)
 
 D = Delimiters()  # ours: | ^ ~ \ &
 
+# Not engine.protocol.hl7v2.escape: that one (for ACK text, any delimiters) turns line breaks
+# into spaces; a packet keeps them (``\.br\`` in FT, hex escapes elsewhere) and hex-escapes
+# control characters.
 _ESCAPES = {
     ord("\\"): "\\E\\",
     ord("|"): "\\F\\",
