@@ -360,10 +360,6 @@ class Outbound:
     def specialist(self, id: str) -> Specialist | None:
         return self.directory.get(id)
 
-    def writeback_source(self, source: str) -> WritebackTarget | None:
-        """The write-back entry of ``source`` (also when disabled: see ``enabled``)."""
-        return self.writeback.get(source)
-
 
 EMPTY = Outbound(digest=hashlib.sha256().hexdigest()[:16], directory=Directory())
 

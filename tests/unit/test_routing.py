@@ -310,13 +310,13 @@ def test_channels_formats_and_lookups(network: Outbound) -> None:
     assert found is not None
     assert found.active is False
     assert network.specialist("nobody") is None
-    epic = network.writeback_source("epic")
+    epic = network.writeback.get("epic")
     assert epic is not None
     assert epic.receiver == Party("EPIC", "MAINCLINIC")
-    athena = network.writeback_source("athena")
+    athena = network.writeback.get("athena")
     assert athena is not None
     assert athena.enabled is False
-    assert network.writeback_source("meditech") is None
+    assert network.writeback.get("meditech") is None
 
 
 def test_digest_follows_the_files(tmp_path: Path) -> None:
