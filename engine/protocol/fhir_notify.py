@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from engine.protocol.fhir import FHIR_JSON, is_id
+
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 SUBSCRIPTION_PROFILE = f"{BACKPORT}/backport-subscription"
 STATUS_PROFILE = f"{BACKPORT}/backport-subscription-status-r4"
@@ -56,7 +58,6 @@ TAG_SYSTEM = "urn:refloop:subscription"
 #: The header each of our Subscriptions sends back, naming which of a source's
 #: Subscriptions a notification belongs to (R4 core notifications do not say).
 KEY_HEADER = "X-Refloop-Subscription"
-FHIR_JSON = "application/fhir+json"
 
 NotificationType = Literal[
     "handshake", "heartbeat", "event-notification", "query-status", "query-event"
@@ -74,7 +75,6 @@ NOTIFICATION_TYPES: tuple[NotificationType, ...] = (
 MAX_LISTED_GAP = 1000
 
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # [base/]Type/id[/_history/vid]
 _REFERENCE = re.compile(
     r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
@@ -184,7 +184,7 @@ def classify(
 
 
 def _update(body: Any, path_type: str, path_id: str) -> Notification:
-    if not _TYPE.fullmatch(path_type) or not _ID.fullmatch(path_id):
+    if not _TYPE.fullmatch(path_type) or not is_id(path_id):
         raise NotificationError("the URL does not end in {type}/{id}", "$this")
     focus = Reference(path_type, path_id)
     if body is None:

@@ -71,9 +71,8 @@ from channels.smart import SmartTokenClient
 from engine.config import Config, FhirSourceConfig, FhirSubscriptionConfig
 from engine.logs import get_logger
 from engine.metrics import Metrics
-from engine.protocol.fhir import compact
+from engine.protocol.fhir import FHIR_JSON, compact
 from engine.protocol.fhir_notify import (
-    FHIR_JSON,
     KEY_HEADER,
     TAG_SYSTEM,
     Notification,
