@@ -197,20 +197,3 @@ class ChannelPlugin(Protocol):
     async def send(self, envelope: Envelope) -> Receipt: ...
 
     async def aclose(self) -> None: ...
-
-
-def settings_problems(settings: BaseModel, base: Path) -> list[str]:
-    """Secrets a validated settings object names that cannot be read now."""
-    out = []
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if isinstance(value, Secret):
-            problem = value.problem(base)
-            if problem:
-                out.append(f"{name}: {problem}")
-    return out
-
-
-def metadata(**values: str | None) -> Mapping[str, str]:
-    """Envelope metadata without the empty values."""
-    return {k: v for k, v in values.items() if v}

@@ -565,12 +565,7 @@ class Dispatcher:
     async def _record(self, d: Delivery, outcome: Outcome) -> None:
         ok = await self._call(self.store.record, d, outcome, self.clock())
         self.metrics.deliveries.labels(d.channel, outcome.status).inc()
-        event = {
-            "delivered": "dispatcher.delivered",
-            "sent": "dispatcher.sent",
-            "retry": "dispatcher.retry",
-            "dead": "dispatcher.dead",
-        }[outcome.status]
+        event = f"dispatcher.{outcome.status}"  # delivered | sent | retry | dead
         details: dict[str, Any] = {"delivery": d.id, "channel": d.channel, "attempt": d.attempts}
         if outcome.reason:
             details["reason"] = outcome.reason

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from engine.store.driver import DriverQueries
@@ -208,7 +208,6 @@ class Outbox(DriverQueries):
             f"finished_at = {m} WHERE id = {m} AND status IN ('pending', 'dead')",
             "counts": "SELECT channel, status, COUNT(*) FROM deliveries "
             "WHERE status IN ('pending', 'in_flight', 'dead') GROUP BY channel, status",
-            "oldest_due": "SELECT MIN(next_attempt_at) FROM deliveries WHERE status = 'pending'",
             "event": "SELECT id, referral_id, sequence, type, occurred_at, fields, state_before, "
             f"state_after, message_id FROM referral_events WHERE id = {m}",
             "created_message": "SELECT message_id FROM referral_events WHERE referral_id = "
@@ -411,14 +410,6 @@ class Outbox(DriverQueries):
         finally:
             self.end()
 
-    def next_due(self) -> datetime | None:
-        try:
-            rows = self._all("oldest_due")
-        finally:
-            self.end()
-        value = rows[0][0] if rows else None
-        return self._time(value) if value is not None else None
-
     # -- what a renderer needs -----------------------------------------------------------
 
     def source_event(self, event_id: str) -> SourceEvent | None:
@@ -484,7 +475,3 @@ class Outbox(DriverQueries):
             last_error=v["last_error"],
             receipt=json.loads(v["receipt"]) if v["receipt"] else None,
         )
-
-
-def stalled_before(now: datetime, lease_seconds: float) -> datetime:
-    return now - timedelta(seconds=lease_seconds)
