@@ -11,6 +11,7 @@ import pytest
 
 from engine.domain.referral import Event, State
 from engine.outbound.model import DeliveryRequest, Party, ReferralView, Trigger, TriggerEvent
+from engine.outbound.packets.registry import FORMATS
 from engine.outbound.routing import (
     EMPTY,
     NAMESPACE,
@@ -25,20 +26,6 @@ from engine.outbound.schema import SCHEMAS, render
 REPO = Path(__file__).resolve().parents[2]
 MAPPINGS = REPO / "mappings"
 NETWORK = REPO / "tests" / "data" / "outbound" / "network"
-FORMATS = frozenset(
-    {
-        "hl7v2.ref_i12",
-        "hl7v2.omg_o19",
-        "hl7v2.orm_status",
-        "hl7v2.oru_note",
-        "hl7v2.mdm_note",
-        "fhir.referral_bundle",
-        "fhir.status_update",
-        "document.pdf",
-        "document.html",
-        "json.event",
-    }
-)
 CHANNELS = frozenset({"specialist", "email", "fax", "ehr", "fhir-ehr", "fhir-specialist"})
 T0 = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
 # Patient data on every trigger: no reason may quote it.
