@@ -59,6 +59,7 @@ from engine.logs import get_logger
 from engine.metrics import Metrics
 from engine.protocol.fhir import (
     FHIR_JSON,
+    JSON_MEDIA_TYPES,
     WRITABLE,
     Entry,
     FhirJsonError,
@@ -86,7 +87,6 @@ log = get_logger("refloop.fhir")
 
 BASE = "/fhir/r4"
 RETRY_AFTER_SECONDS = 10
-_MEDIA_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 _REASONS = {
     200: "OK",
     201: "Created",
@@ -533,7 +533,7 @@ def _json_media(value: str | None) -> bool:
     if not value:
         return False
     media, *params = (p.strip() for p in value.split(";"))
-    if media.lower() not in _MEDIA_TYPES:
+    if media.lower() not in JSON_MEDIA_TYPES:
         return False
     for param in params:
         name, _, raw = param.partition("=")

@@ -48,6 +48,7 @@ from engine.logs import get_logger
 from engine.metrics import FHIR_RESOURCE_LABELS, Metrics
 from engine.protocol.fhir import (
     FHIR_JSON,
+    JSON_MEDIA_TYPES,
     FhirJsonError,
     Issue,
     compact,
@@ -65,7 +66,6 @@ from engine.services.writer import GroupCommitWriter, StorageUnavailable
 log = get_logger("refloop.fhir.notify")
 
 NOTIFY_PATH = "/fhir/r4/_notify/{source}"
-MEDIA_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 RETRY_AFTER_SECONDS = "5"
 _KEY = re.compile(r"[A-Za-z0-9:_\-.]{1,80}")
 
@@ -173,7 +173,7 @@ class _Handler:
         label = _label(None, path_type)
         parsed: Any = None
         if body.strip():
-            if _media_type(request) not in MEDIA_TYPES:
+            if _media_type(request) not in JSON_MEDIA_TYPES:
                 self._count(source.name, label, "unsupported")
                 return _outcome(
                     415,

@@ -48,6 +48,8 @@ import pydantic
 from fhir.resources.R4B import get_fhir_model_class
 
 FHIR_JSON = "application/fhir+json"
+#: Content types read as FHIR JSON (``application/json+fhir`` is the DSTU2-era spelling).
+JSON_MEDIA_TYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
 #: Resource types with a REST endpoint (POST /fhir/r4/<type>, PUT /fhir/r4/<type>/<id>).
 WRITABLE = (
     "ServiceRequest",
