@@ -161,23 +161,6 @@ class FhirAuth:
         return "ok" if allowed(source, client_ip) else "forbidden"
 
 
-def authenticate(
-    source: FhirSourceConfig,
-    request_headers: Mapping[str, str],
-    body: bytes,
-    client_ip: str,
-    base_dir: Path,
-) -> bool:
-    """True when the request carries ``source``'s token or signature and comes from one of
-    its CIDRs. Reads the secrets on every call; a long-lived caller keeps a
-    :class:`FhirAuth` instead (and gets 401 / 403 apart from :meth:`FhirAuth.check`)."""
-    return FhirAuth([source], base_dir).check(source, request_headers, body, client_ip) == "ok"
-
-
-def source_for(config: Config, name: str) -> FhirSourceConfig | None:
-    return next((s for s in config.fhir.sources if s.name == name), None)
-
-
 def allowed(source: FhirSourceConfig, client_ip: str) -> bool:
     try:
         address = ipaddress.ip_address(client_ip.split("%", 1)[0])
