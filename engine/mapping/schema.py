@@ -21,7 +21,8 @@ _TEXT = {"type": "string"}
 _BOOL = {"enum": ["true", "false", True, False]}  # the loader reads every scalar as text
 
 
-def _closed(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+def closed(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An object with exactly these keys (the analysts' languages refuse unknown keys)."""
     out: dict[str, Any] = {
         "type": "object",
         "properties": properties,
@@ -30,6 +31,11 @@ def _closed(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[
     if required:
         out["required"] = list(required)
     return out
+
+
+def one_or_many(item: dict[str, Any]) -> dict[str, Any]:
+    """A value, or a non-empty list of them (``on: referral.created`` or a list)."""
+    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}
 
 
 def mapping_schema() -> dict[str, Any]:
@@ -41,7 +47,7 @@ def mapping_schema() -> dict[str, Any]:
                 "description": "a path: PID-3[.5=MR].1 (HL7 v2), or for input: fhir the "
                 "FHIRPath subset, e.g. identifier.where(type.coding.code = 'PLAC').first()",
             },
-            _closed(
+            closed(
                 {
                     "path": _TEXT,
                     "const": _TEXT,
@@ -61,7 +67,7 @@ def mapping_schema() -> dict[str, Any]:
             ),
         ]
     }
-    condition = _closed(
+    condition = closed(
         {
             **{k: _TEXT for k in ("present", "absent", "is_null", "path", "count", "map")},
             "equals": _TEXT,
@@ -79,7 +85,7 @@ def mapping_schema() -> dict[str, Any]:
         "propertyNames": {"enum": fields},
         "additionalProperties": {"$ref": "#/$defs/value"},
     }
-    rule = _closed(
+    rule = closed(
         {
             "id": _TEXT,
             "emit": {"enum": [e.value for e in Event] + [c.IGNORE]},
@@ -95,14 +101,14 @@ def mapping_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://refloop.dev/schema/referral-mapping.v1.json",
         "title": "refloop mapping (referral-mapping/v1)",
-        **_closed(
+        **closed(
             {
                 "schema": {"const": c.MAPPING_SCHEMA},
                 "id": _TEXT,
                 "title": _TEXT,
                 "input": {"enum": [i.value for i in Input]},
                 "match": {
-                    **_closed(
+                    **closed(
                         {
                             "message_type": {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}]},
                             "resource": {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}]},
@@ -111,7 +117,7 @@ def mapping_schema() -> dict[str, Any]:
                     ),
                     "anyOf": [{"required": ["message_type"]}, {"required": ["resource"]}],
                 },
-                "defaults": _closed(
+                "defaults": closed(
                     {
                         "timezone": _TEXT,
                         "on_no_match": {"enum": [o.value for o in OnNoMatch]},
@@ -119,8 +125,8 @@ def mapping_schema() -> dict[str, Any]:
                     },
                     ("timezone",),
                 ),
-                "segments": _closed({"ignore": {"type": "array", "items": _TEXT}, "strict": _BOOL}),
-                "elements": _closed({"ignore": {"type": "array", "items": _TEXT}, "strict": _BOOL}),
+                "segments": closed({"ignore": {"type": "array", "items": _TEXT}, "strict": _BOOL}),
+                "elements": closed({"ignore": {"type": "array", "items": _TEXT}, "strict": _BOOL}),
                 "field_sets": {"type": "object", "additionalProperties": field_map},
                 "rules": {"type": "array", "items": rule, "minItems": 1},
             },
@@ -131,7 +137,7 @@ def mapping_schema() -> dict[str, Any]:
             "alternative": {
                 "anyOf": [
                     {"$ref": "#/$defs/value"},
-                    _closed(
+                    closed(
                         {"when": {"$ref": "#/$defs/condition"}, "value": {"$ref": "#/$defs/value"}},
                         ("when", "value"),
                     ),
@@ -141,10 +147,10 @@ def mapping_schema() -> dict[str, Any]:
             "transform": {
                 "anyOf": [
                     {"enum": ["trim", "upper", "lower", "digits"]},
-                    _closed(
+                    closed(
                         {
                             "truncate": {"type": ["string", "integer"]},
-                            "replace": _closed({"from": _TEXT, "to": _TEXT}, ("from",)),
+                            "replace": closed({"from": _TEXT, "to": _TEXT}, ("from",)),
                             "add_minutes": {"$ref": "#/$defs/value"},
                             "tz": _TEXT,
                         }
@@ -160,7 +166,7 @@ def valueset_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://refloop.dev/schema/referral-valueset.v1.json",
         "title": "refloop value set (referral-valueset/v1)",
-        **_closed(
+        **closed(
             {
                 "schema": {"const": c.VALUESET_SCHEMA},
                 "id": _TEXT,
@@ -176,9 +182,9 @@ def valueset_schema() -> dict[str, Any]:
 
 
 def cases_schema() -> dict[str, Any]:
-    diagnostic = {"anyOf": [_TEXT, _closed({k: _TEXT for k in f.DIAGNOSTIC_KEYS}, ("code",))]}
-    event = _closed({"emit": _TEXT, "rule": _TEXT, "fields": {"type": "object"}}, ("emit",))
-    case = _closed(
+    diagnostic = {"anyOf": [_TEXT, closed({k: _TEXT for k in f.DIAGNOSTIC_KEYS}, ("code",))]}
+    event = closed({"emit": _TEXT, "rule": _TEXT, "fields": {"type": "object"}}, ("emit",))
+    case = closed(
         {
             "name": _TEXT,
             "message": _TEXT,
@@ -186,7 +192,7 @@ def cases_schema() -> dict[str, Any]:
             "index": {"type": ["string", "integer"]},
             "overlay": _TEXT,
             "resource": {"type": "string", "description": "a FHIR resource, as JSON text"},
-            "expect": _closed(
+            "expect": closed(
                 {
                     "outcome": {"enum": ["processed", "ignored", "mapping_error"]},
                     "rule": _TEXT,
@@ -202,11 +208,11 @@ def cases_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://refloop.dev/schema/referral-cases.v1.json",
         "title": "refloop mapping fixtures (*.cases.yaml)",
-        **_closed(
+        **closed(
             {
                 "mapping": _TEXT,
                 "overlay": _TEXT,
-                "context": _closed({"received_at": _TEXT}),
+                "context": closed({"received_at": _TEXT}),
                 "cases": {"type": "array", "items": case},
             },
             ("cases",),
@@ -219,7 +225,7 @@ def source_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://refloop.dev/schema/referral-source.v1.json",
         "title": "refloop source settings (sources/<name>/source.yaml)",
-        **_closed(
+        **closed(
             {"schema": {"const": c.SOURCE_SCHEMA}, "description": _TEXT, "timezone": _TEXT},
             ("schema",),
         ),

@@ -8,27 +8,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from engine.mapping.schema import closed, one_or_many
 from engine.outbound import directory as d
 from engine.outbound import routing as r
 
 _TEXT = {"type": "string"}
 _BOOL = {"enum": ["true", "false", True, False]}  # the loader reads every scalar as text
 _EVENT = {"enum": list(r.EVENTS)}
-
-
-def _closed(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "type": "object",
-        "properties": properties,
-        "additionalProperties": False,
-    }
-    if required:
-        out["required"] = list(required)
-    return out
-
-
-def _one_or_many(item: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}
 
 
 def _document(name: str, title: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -40,23 +26,23 @@ def _document(name: str, title: str, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_PARTY = _closed({k: _TEXT for k in d.PARTY_KEYS})
+_PARTY = closed({k: _TEXT for k in d.PARTY_KEYS})
 
 
 def routes_schema() -> dict[str, Any]:
     states = {"enum": list(r.STATES)}
-    when = _closed(
+    when = closed(
         {
-            "state": _one_or_many(states),
-            "state_before": _one_or_many({"enum": [r.NEW, *r.STATES]}),
-            **{k: _one_or_many(_TEXT) for k in ("specialty", "priority", "source", "recipient")},
+            "state": one_or_many(states),
+            "state_before": one_or_many({"enum": [r.NEW, *r.STATES]}),
+            **{k: one_or_many(_TEXT) for k in ("specialty", "priority", "source", "recipient")},
         }
     )
-    route = _closed(
+    route = closed(
         {
             "id": _TEXT,
             "description": _TEXT,
-            "on": _one_or_many(_EVENT),
+            "on": one_or_many(_EVENT),
             "when": when,
             "send": {"enum": list(r.SENDS)},
             "to": {"enum": list(r.TOS)},
@@ -64,7 +50,7 @@ def routes_schema() -> dict[str, Any]:
             "format": _TEXT,
             "channel": _TEXT,
             "endpoint": _TEXT,
-            "options": _closed({k: _TEXT for k in r.ROUTE_OPTIONS}),
+            "options": closed({k: _TEXT for k in r.ROUTE_OPTIONS}),
             "enabled": _BOOL,
         },
         ("id", "on", "send"),
@@ -72,7 +58,7 @@ def routes_schema() -> dict[str, Any]:
     return _document(
         "referral-routes.v1.json",
         f"refloop outbound routes ({r.ROUTES_SCHEMA})",
-        _closed(
+        closed(
             {"schema": {"const": r.ROUTES_SCHEMA}, "routes": {"type": "array", "items": route}},
             ("schema",),
         ),
@@ -80,7 +66,7 @@ def routes_schema() -> dict[str, Any]:
 
 
 def writeback_schema() -> dict[str, Any]:
-    entry = _closed(
+    entry = closed(
         {
             "description": _TEXT,
             "enabled": _BOOL,
@@ -89,14 +75,14 @@ def writeback_schema() -> dict[str, Any]:
             "status_format": _TEXT,
             "note_format": _TEXT,
             "receiver": _PARTY,
-            "events": _one_or_many(_EVENT),
+            "events": one_or_many(_EVENT),
         },
         ("channel", "status_format"),
     )
     return _document(
         "referral-writeback.v1.json",
         f"refloop write-back to sources ({r.WRITEBACK_SCHEMA})",
-        _closed(
+        closed(
             {
                 "schema": {"const": r.WRITEBACK_SCHEMA},
                 "sources": {"type": "object", "additionalProperties": entry},
@@ -107,14 +93,14 @@ def writeback_schema() -> dict[str, Any]:
 
 
 def directory_schema() -> dict[str, Any]:
-    target = _closed({k: _TEXT for k in d.TARGET_KEYS}, ("channel", "format"))
-    specialist = _closed(
+    target = closed({k: _TEXT for k in d.TARGET_KEYS}, ("channel", "format"))
+    specialist = closed(
         {
             "id": {"type": "string", "pattern": d.ID.pattern},
             "name": _TEXT,
             "npi": {"type": ["string", "integer"], "pattern": "^[0-9]{10}$"},
             **{
-                k: _one_or_many(_TEXT)
+                k: one_or_many(_TEXT)
                 for k in ("provider_names", "specialties", "accepted_plans", "locations")
             },
             "targets": {"type": "array", "items": target, "minItems": 1},
@@ -126,7 +112,7 @@ def directory_schema() -> dict[str, Any]:
     return _document(
         "referral-directory.v1.json",
         f"refloop specialist directory ({d.DIRECTORY_SCHEMA})",
-        _closed(
+        closed(
             {
                 "schema": {"const": d.DIRECTORY_SCHEMA},
                 "specialists": {"type": "array", "items": specialist},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from engine.mapping.schema import closed, one_or_many
 from engine.policy import language as lang
 
 NAME = "referral-policy.v1.json"
@@ -27,34 +28,19 @@ _LEVEL = {
 }
 
 
-def _closed(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "type": "object",
-        "properties": properties,
-        "additionalProperties": False,
-    }
-    if required:
-        out["required"] = list(required)
-    return out
-
-
-def _one_or_many(item: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}
-
-
 def _scope() -> dict[str, Any]:
     return {
-        "states": _one_or_many({"enum": list(lang.STATES)}),
-        "specialty": _one_or_many(_TEXT),
-        "priority": _one_or_many(_TEXT),
-        "restart_on": _one_or_many({"enum": list(lang.EVENTS)}),
+        "states": one_or_many({"enum": list(lang.STATES)}),
+        "specialty": one_or_many(_TEXT),
+        "priority": one_or_many(_TEXT),
+        "restart_on": one_or_many({"enum": list(lang.EVENTS)}),
     }
 
 
 def _step(action: str) -> dict[str, Any]:
     values: dict[str, dict[str, Any]] = {
         "template": _CODE,
-        "prefer": _one_or_many({"enum": list(lang.OUTREACH_CHANNELS)}),
+        "prefer": one_or_many({"enum": list(lang.OUTREACH_CHANNELS)}),
         "reason": _CODE,
         "owner": _CODE,
         "due": _DURATION,
@@ -63,7 +49,7 @@ def _step(action: str) -> dict[str, Any]:
         "route": _CODE,
     }
     needed, optional = lang.ACTION_KEYS[action]
-    return _closed(
+    return closed(
         {
             "after": _DURATION,
             "do": {"const": action},
@@ -74,7 +60,7 @@ def _step(action: str) -> dict[str, Any]:
 
 
 def policy_schema() -> dict[str, Any]:
-    window = _closed(
+    window = closed(
         {
             "id": _CODE,
             "description": _TEXT,
@@ -87,7 +73,7 @@ def policy_schema() -> dict[str, Any]:
         },
         ("id", "states", "within"),
     )
-    ladder = _closed(
+    ladder = closed(
         {
             "id": _CODE,
             "description": _TEXT,
@@ -105,7 +91,7 @@ def policy_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://refloop.dev/schema/{NAME}",
         "title": f"refloop referral policy ({lang.POLICY_SCHEMA})",
-        **_closed(
+        **closed(
             {
                 "schema": {"const": lang.POLICY_SCHEMA},
                 "description": _TEXT,
