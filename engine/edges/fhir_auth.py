@@ -108,7 +108,7 @@ class FhirAuth:
         token = bearer_token(headers)
         if token is None:
             return None
-        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        presented = _presented_digest(token)
         found = None
         for cred in self._creds:
             # No early exit: every source costs the same comparison.
@@ -151,7 +151,7 @@ class FhirAuth:
         ok = False
         token = bearer_token(headers)
         if token is not None and cred.token_digest is not None:
-            presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+            presented = _presented_digest(token)
             ok = hmac.compare_digest(presented, cred.token_digest)
         signature = signature_hex(headers)
         if not ok and signature is not None and cred.hmac_key is not None:
@@ -198,6 +198,12 @@ def signature_hex(headers: Mapping[str, str]) -> str | None:
                 return hexdigest.strip().lower()
             return None
     return None
+
+
+def _presented_digest(token: str) -> bytes:
+    # surrogateescape: a presented value holding lone surrogates still hashes (and then
+    # does not match) instead of raising.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 def _signed(key: bytes, body: bytes, signature: str) -> bool:
