@@ -87,6 +87,16 @@ _REFERRAL: dict[str, FieldType] = {
     "insurance.plan": T.TEXT,  # health plan id (IN1-2.1), else its name (IN1-2.2)
     "insurance.member_id": T.IDENTIFIER,  # the insured's policy number (IN1-36)
     "insurance.group": T.TEXT,  # group number (IN1-8)
+    # How the patient wants to be reached (PID-13/14, PID-15, a FHIR Patient.telecom
+    # and communication): patient outreach (engine.policy.outreach) reads these.
+    "patient.phone": T.TEXT,
+    "patient.email": T.TEXT,
+    "patient.language": T.CODE,  # BCP 47 / ISO 639 (en, es)
+    "patient.timezone": T.CODE,  # IANA zone for quiet hours
+    "patient.contact_preference": T.CODE,  # sms | email | voice | none
+    "patient.consent.sms": T.CODE,  # yes | no
+    "patient.consent.email": T.CODE,  # yes | no
+    "location": T.TEXT,  # where the patient wants to be seen (routing)
 }
 _APPOINTMENT: dict[str, FieldType] = {
     "appointment_id": T.IDENTIFIER,
@@ -132,6 +142,30 @@ _DELIVERY: dict[str, FieldType] = {
 }
 
 
+#: What the policy and the people working its exceptions record (no patient data beyond
+#: what a coordinator types in a note).
+_POLICY: dict[str, FieldType] = {
+    "actor": T.TEXT,  # who did it: a user name, or "refloop" for the engine
+    "escalation.level": T.INT,
+    "escalation.reason": T.CODE,
+    "escalation.rule": T.CODE,
+    "escalation.notify": T.CODE,  # referrer | specialist: a notice went (or was asked) there
+    "worklist.item": T.INT,
+    "worklist.reason": T.CODE,
+    "worklist.assignee": T.TEXT,
+    "worklist.snoozed_until": T.DATETIME,
+    "worklist.note": T.TEXT,
+    "outreach.template": T.CODE,
+    "outreach.channel": T.CODE,
+    "outreach.language": T.CODE,
+    "outreach.outcome": T.CODE,
+    "reply.channel": T.CODE,
+    "reply.from": T.TEXT,
+    "reply.text": T.TEXT,
+    "reply.keyword": T.CODE,  # STOP, START, YES, … (upper case)
+}
+
+
 @dataclass(frozen=True, slots=True)
 class EventSpec:
     fields: Mapping[str, FieldType]
@@ -149,13 +183,13 @@ E = Event
 CATALOGUE: dict[Event, EventSpec] = {
     E.REFERRAL_CREATED: _spec(_REFERRAL, required=("patient.identifier",)),
     E.REFERRAL_UPDATED: _spec(_REFERRAL),
-    E.REFERRAL_CANCELLED: _spec(_REFERRAL),
+    E.REFERRAL_CANCELLED: _spec(_REFERRAL, _POLICY),
     E.REFERRAL_SENT: _spec(_REFERRAL, _DELIVERY),
     E.REFERRAL_DELIVERED: _spec(_REFERRAL, _DELIVERY),
     E.REFERRAL_ACCEPTED: _spec(_REFERRAL),
     E.REFERRAL_DECLINED: _spec(_REFERRAL),
     E.AUTHORIZATION_PENDING: _spec(_AUTH),
-    E.AUTHORIZATION_APPROVED: _spec(_AUTH),
+    E.AUTHORIZATION_APPROVED: _spec(_AUTH, _POLICY),
     E.AUTHORIZATION_DENIED: _spec(_AUTH),
     E.APPOINTMENT_BOOKED: _spec(_APPOINTMENT, required=("appointment_id",)),
     E.APPOINTMENT_RESCHEDULED: _spec(_APPOINTMENT, required=("appointment_id",)),
@@ -165,7 +199,15 @@ CATALOGUE: dict[Event, EventSpec] = {
     E.CONSULT_NOTE_RECEIVED: _spec(_NOTE),
     E.CONSULT_NOTE_AMENDED: _spec(_NOTE),
     E.REFERRAL_CLOSED: _spec(),
-    E.REFERRAL_ESCALATED: _spec(),
+    E.REFERRAL_ESCALATED: _spec(_POLICY),
+    E.REFERRAL_CLOSED_BY_HAND: _spec(_POLICY),
+    E.WORKLIST_ACKNOWLEDGED: _spec(_POLICY),
+    E.WORKLIST_ASSIGNED: _spec(_POLICY),
+    E.WORKLIST_SNOOZED: _spec(_POLICY),
+    E.WORKLIST_RESOLVED: _spec(_POLICY),
+    E.PATIENT_REPLIED: _spec(_POLICY),
+    E.OUTREACH_PLANNED: _spec(_POLICY),
+    E.OUTREACH_SKIPPED: _spec(_POLICY),
     E.DELIVERY_SUCCEEDED: _spec(_DELIVERY),
     E.DELIVERY_FAILED: _spec(_DELIVERY),
 }

@@ -61,6 +61,17 @@ class Event(StrEnum):
     CONSULT_NOTE_AMENDED = "consult_note.amended"
     REFERRAL_CLOSED = "referral.closed"
     REFERRAL_ESCALATED = "referral.escalated"
+    # Referral policy (engine.policy, engine.services.policy_runtime) and the people who
+    # work its exceptions: recorded on the timeline, never moving the state, except a
+    # coordinator closing a referral by hand.
+    REFERRAL_CLOSED_BY_HAND = "referral.closed_by_hand"
+    WORKLIST_ACKNOWLEDGED = "worklist.acknowledged"
+    WORKLIST_ASSIGNED = "worklist.assigned"
+    WORKLIST_SNOOZED = "worklist.snoozed"
+    WORKLIST_RESOLVED = "worklist.resolved"
+    PATIENT_REPLIED = "patient.replied"
+    OUTREACH_PLANNED = "outreach.planned"
+    OUTREACH_SKIPPED = "outreach.skipped"
     # Outcomes of outbound deliveries (engine.services.dispatcher): recorded on the
     # referral's timeline, never moving its state (a packet's success is referral.sent).
     DELIVERY_SUCCEEDED = "delivery.succeeded"
@@ -222,6 +233,19 @@ RULES: dict[Event, _Rule] = {
     Event.CONSULT_NOTE_AMENDED: _when(
         {S.NOTE_RECEIVED: S.NOTE_RECEIVED, S.CLOSED: S.CLOSED},
         "consult note amended for a referral that is {state} (no note yet)",
+    ),
+    Event.WORKLIST_ACKNOWLEDGED: _record(),
+    Event.WORKLIST_ASSIGNED: _record(),
+    Event.WORKLIST_SNOOZED: _record(),
+    Event.WORKLIST_RESOLVED: _record(),
+    Event.PATIENT_REPLIED: _record(),
+    Event.OUTREACH_PLANNED: _record(),
+    Event.OUTREACH_SKIPPED: _record(),
+    # A coordinator may close any open referral (the patient went elsewhere, the need
+    # passed); the event says who did it.
+    Event.REFERRAL_CLOSED_BY_HAND: _when(
+        {**{s: S.CLOSED for s in _OPEN}, S.CLOSED: S.CLOSED},
+        "cannot close a referral that is {state}",
     ),
     Event.REFERRAL_CLOSED: _when(
         {S.NOTE_RECEIVED: S.CLOSED, S.CLOSED: S.CLOSED},

@@ -277,6 +277,26 @@ class Outbound:
                 deliveries.extend(outcome)
         return Routed(tuple(deliveries), tuple(unrouted))
 
+    def route_named(self, route_id: str, trigger: Trigger) -> Routed:
+        """The deliveries of one route, whatever its ``on`` (its ``when`` still holds):
+        a policy's ``notify`` step names the route its notice goes by. Unknown or
+        disabled: an :class:`Unrouted` saying so."""
+        route = next((r for r in self.routes if r.id == route_id), None)
+        if route is None or not route.enabled:
+            why = "is not defined" if route is None else "is disabled"
+            return Routed((), (Unrouted(route_id, f"route {route_id!r} {why}"),))
+        facts = _Facts(trigger, self.directory)
+        if not facts.admits(route.when):
+            return Routed((), ())
+        outcome = (
+            self._to_recipient(route, facts)
+            if route.to == "recipient"
+            else self._to_source(route, trigger)
+        )
+        if isinstance(outcome, Unrouted):
+            return Routed((), (outcome,))
+        return Routed(tuple(outcome), ())
+
     def _to_recipient(self, route: Route, facts: _Facts) -> list[DeliveryRequest] | Unrouted:
         specialist = facts.recipient
         if specialist is None:

@@ -34,8 +34,11 @@ from sqlalchemy.pool import PoolProxiedConnection
 from engine.domain.correlation import Key, KeyKind
 from engine.domain.projection import Referral
 from engine.domain.referral import TERMINAL, Event, State
+from engine.policy.timers import Timer
 from engine.store.driver import DriverQueries
 from engine.store.outbox import NewDelivery, Outbox
+from engine.store.timers import TimerQueries
+from engine.store.worklist import Moved, NewItem, WorklistQueries
 
 #: pg_advisory_xact_lock(class, key) held while a normaliser batch is written: the class
 #: is "ref1"; the key is the schema's name, hashed, so replicas sharing one schema take
@@ -131,6 +134,14 @@ class Changes:
     keys: Sequence[tuple[Key, str]] = ()  # (key, referral id)
     unpark: Sequence[int] = ()  # parked messages (outside the batch) back to received
     deliveries: Sequence[NewDelivery] = ()  # the outbox rows these events cause
+    # Referral policy (engine.services.policy_runtime): timers these events arm, clear
+    # and (the scheduler) fire, the exceptions they raise, the items they make moot.
+    timers: Sequence[Timer] = ()
+    cleared_timers: Sequence[str] = ()
+    fired_timers: Sequence[str] = ()
+    worklist: Sequence[NewItem] = ()
+    moved: Sequence[Moved] = ()
+    stop_outreach: Sequence[str] = ()  # referral ids: cancel their pending outreach
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +169,8 @@ class EventLog(DriverQueries):
     def __init__(self, dbapi_connection: Any, dialect: str) -> None:
         super().__init__(dbapi_connection, dialect)
         self.outbox = Outbox(dbapi_connection, dialect)
+        self.timers = TimerQueries(dbapi_connection, dialect)
+        self.worklist = WorklistQueries(dbapi_connection, dialect)
         m = self.mark
         among = self.among
 
@@ -326,8 +339,17 @@ class EventLog(DriverQueries):
                     self.sql["insert_key"],
                     [(k.kind.value, k.value, k.assigner, rid) for k, rid in changes.keys],
                 )
+            if changes.stop_outreach:  # before new deliveries: a nudge planned now stays
+                self.outbox.cancel_pending(
+                    cur, changes.stop_outreach, "outreach", "the referral moved on", now
+                )
             if changes.deliveries:
                 self.outbox.insert(cur, changes.deliveries, now)
+            self.timers.clear(cur, changes.cleared_timers, now)
+            self.timers.fired(cur, changes.fired_timers, now)
+            self.timers.insert(cur, changes.timers, now)
+            self.worklist.resolve_moved(cur, changes.moved, now)
+            self.worklist.insert(cur, changes.worklist, now)
             touched = [u.message_id for u in changes.messages] + list(changes.unpark)
             if touched:
                 cur.execute(self.sql["forget_parked"], (self._list(touched),))

@@ -206,6 +206,11 @@ class Outbox(DriverQueries):
             "dead_ids": "SELECT id FROM deliveries WHERE status = 'dead' ORDER BY id",
             "cancel": f"UPDATE deliveries SET status = 'cancelled', updated_at = {m}, "
             f"finished_at = {m} WHERE id = {m} AND status IN ('pending', 'dead')",
+            # Patient outreach stops the moment the appointment is booked: what is still
+            # waiting is cancelled in the booking's transaction (in flight is let finish).
+            "cancel_kind": f"UPDATE deliveries SET status = 'cancelled', updated_at = {m}, "
+            f"finished_at = {m}, last_error = {m} WHERE kind = {m} AND status = 'pending' "
+            f"AND {self.among('referral_id')}",
             "counts": "SELECT channel, status, COUNT(*) FROM deliveries "
             "WHERE status IN ('pending', 'in_flight', 'dead') GROUP BY channel, status",
             "event": "SELECT id, referral_id, sequence, type, occurred_at, fields, state_before, "
@@ -391,6 +396,16 @@ class Outbox(DriverQueries):
             self.end()
             raise
         return [i for i in targets if before.get(i) in ("dead", "pending", "cancelled")]
+
+    def cancel_pending(
+        self, cur: Any, referral_ids: Sequence[str], kind: str, reason: str, now: datetime
+    ) -> None:
+        """Cancel the pending deliveries of ``kind`` for these referrals (caller's transaction)."""
+        if referral_ids:
+            stamp = self._stamp(now)
+            cur.execute(
+                self.sql["cancel_kind"], (stamp, stamp, reason, kind, self._list(referral_ids))
+            )
 
     def cancel(self, delivery_id: int, now: datetime) -> bool:
         self.begin()

@@ -288,3 +288,77 @@ fhir_followups = Table(
     Column("last_error", Text(), nullable=True),  # a safe reason ("HTTP 503"), never content
     Index(None, "next_attempt_at"),
 )
+
+#: Policy timers (engine/store/timers.py): armed and cleared in the transaction of the
+#: event that causes them; ids are deterministic (engine.policy.timers.timer_id), so a
+#: replay arms nothing twice and a fired timer never fires again.
+referral_timers = Table(
+    "referral_timers",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("referral_id", String(36), ForeignKey("referrals.id"), nullable=False),
+    Column("rule", String(), nullable=False),
+    Column("kind", String(16), nullable=False),  # window | outreach | worklist | escalate | notify
+    Column("step", Integer(), nullable=False),
+    Column("entry", Integer(), nullable=False),  # sequence of the event that entered the states
+    Column("entered_at", UtcDateTime(), nullable=False),
+    Column("due_at", UtcDateTime(), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | fired | cleared
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Index(None, "status", "due_at"),
+    Index(None, "referral_id", "status"),
+)
+
+#: The exception worklist (engine/store/worklist.py): one row per exception, keyed so a
+#: replayed cause adds nothing twice. ``detail`` is safe text, never patient data.
+worklist_items = Table(
+    "worklist_items",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("key", String(36), nullable=False),
+    Column("referral_id", String(36), ForeignKey("referrals.id"), nullable=True),
+    Column("message_id", Id, nullable=True),  # unmatched messages, unknown SMS replies
+    Column("reason", String(48), nullable=False),
+    Column("detail", Text(), nullable=True),
+    Column("owner", String(64), nullable=False),
+    Column("assignee", String(64), nullable=True),
+    Column("status", String(16), nullable=False),  # open | acknowledged | snoozed | resolved
+    # The referral's state when raised: the item resolves itself once the referral leaves it.
+    Column("state", String(24), nullable=True),
+    Column("due_at", UtcDateTime(), nullable=True),
+    Column("snoozed_until", UtcDateTime(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("resolved_at", UtcDateTime(), nullable=True),
+    Column("resolved_by", String(64), nullable=True),
+    UniqueConstraint("key"),
+    Index(None, "status", "reason"),
+    Index(None, "referral_id", "status"),
+)
+
+#: Who did what to a worklist item, and when (items without a referral have no event).
+worklist_actions = Table(
+    "worklist_actions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("item_id", Id, ForeignKey("worklist_items.id"), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+    Column("note", Text(), nullable=True),
+    Index(None, "item_id"),
+)
+
+#: A patient's outreach choices learnt after the referral (an SMS STOP, a coordinator's
+#: note); they override what the referral's messages said. Keyed like referrals.patient_key.
+patient_preferences = Table(
+    "patient_preferences",
+    metadata,
+    Column("patient_key", String(), primary_key=True),
+    Column("sms_consent", Boolean(), nullable=True),
+    Column("email_consent", Boolean(), nullable=True),
+    Column("language", String(16), nullable=True),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("updated_by", String(64), nullable=False),
+)

@@ -127,7 +127,8 @@ def test_any_event_stream_is_decided_without_raising(events):
 # recorded, state unchanged). Columns follow the Event enum order.
 COLUMNS = (
     "created updated cancel sent deliv accept decline auth? auth+ auth- "
-    "book resched apt-x noshow visit note note+ close escal dlv-ok dlv-x"
+    "book resched apt-x noshow visit note note+ close escal hand-close wl-ack wl-asgn wl-snz "
+    "wl-res reply plan skip dlv-ok dlv-x"
 ).split()
 _ = "="
 X = "!"
@@ -155,6 +156,21 @@ MATRIX: dict[State | None, tuple[str, ...]] = {
     S.DECLINED: (_, X, X, X, X, X, _, X, X, X, X, X, X, X, X, X, X, X, X, _, _),
     S.CANCELLED: (_, X, _, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, X, _, _),
 }  # fmt: skip
+
+
+# The policy's events (after `escal`): a hand close from any open state, the rest kept
+# on the timeline whatever the state.
+_OPEN_POLICY = ("closed", _, _, _, _, _, _, _)
+_POLICY_COLUMNS = {
+    None: (X,) * 8,
+    S.CLOSED: (_,) * 8,
+    S.DECLINED: (X, _, _, _, _, _, _, _),
+    S.CANCELLED: (X, _, _, _, _, _, _, _),
+}
+MATRIX = {
+    state: row[:19] + _POLICY_COLUMNS.get(state, _OPEN_POLICY) + row[19:]
+    for state, row in MATRIX.items()
+}
 
 
 def test_the_matrix_covers_every_state_and_every_event() -> None:
