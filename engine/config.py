@@ -341,6 +341,49 @@ class OutboundConfig(_Frozen):
     sending_facility: str = Field(default="", max_length=180)
 
 
+class PolicyConfig(_Frozen):
+    # Run the referral policy (mappings/policies): timers, escalations, the worklist,
+    # outreach. Off: referrals are tracked, nobody is nudged.
+    enabled: bool = True
+    # How often the scheduler looks for due timers when nothing woke it.
+    poll_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # Due timers fired per transaction, at most.
+    batch: int = Field(default=200, ge=1, le=10_000)
+    # How often the KPI gauges (loop closure, open at 30 days) are recomputed.
+    kpi_seconds: float = Field(default=300.0, gt=0)
+
+
+class OutreachConfig(_Frozen):
+    # Send patient reminders (the policy's `outreach` steps). Off: they are skipped and
+    # recorded as such.
+    enabled: bool = True
+    # The [channels.<name>] each medium goes out on.
+    sms_channel: str = "sms"
+    email_channel: str = "email"
+    # No message between these local times in the patient's zone (deferred to the end).
+    quiet_start: str = Field(default="21:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    quiet_end: str = Field(default="08:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    # When the referral names no zone / no language, or no template exists in its language.
+    default_timezone: str = "America/New_York"
+    default_language: str = "en"
+    # Templates: <dir>/<template>.<language>.<sms|email>.j2, relative to this file.
+    # Default: policies/templates under the [mappings] dir.
+    templates_dir: Path | None = None
+    # Who patients are told the message is from (templates read it as `sender`).
+    sender_name: str = Field(default="your care team", max_length=80)
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name)") from None
+        return value
+
+
 class Config(_Frozen):
     database: DatabaseConfig = DatabaseConfig()
     http: HttpConfig = HttpConfig()
@@ -351,6 +394,8 @@ class Config(_Frozen):
     normalizer: NormalizerConfig = NormalizerConfig()
     outbound: OutboundConfig = OutboundConfig()
     fhir: FhirConfig = FhirConfig()
+    policy: PolicyConfig = PolicyConfig()
+    outreach: OutreachConfig = OutreachConfig()
     # [channels.<name>]: each table's `type` picks a channel plugin (refloop.channels entry
     # points) whose own Settings model validates the rest.
     channels: dict[str, Any] = Field(default_factory=dict)
@@ -414,6 +459,12 @@ class Config(_Frozen):
 
     def outbound_dir(self) -> Path:
         return self.resolve(self.outbound.dir) if self.outbound.dir else self.mappings_dir()
+
+    def templates_dir(self) -> Path:
+        """Outreach templates: [outreach] templates_dir, else policies/templates."""
+        if self.outreach.templates_dir is not None:
+            return self.resolve(self.outreach.templates_dir)
+        return self.mappings_dir() / "policies" / "templates"
 
     def overlays(self) -> dict[str, str]:
         """``{listener or FHIR source: overlay}`` for those that name one."""

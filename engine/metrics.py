@@ -76,6 +76,17 @@ FHIR_RESOURCE_LABELS = (
 )
 FHIR_SUBSCRIPTION_LAST_EVENT = "refloop_fhir_subscription_last_event_seconds"
 FHIR_RECONCILIATIONS = "refloop_fhir_reconciliations"
+TIMERS_DUE = "refloop_timers_due"
+ESCALATIONS = "refloop_escalations"
+WORKLIST_OPEN = "refloop_worklist_open"
+OUTREACH = "refloop_outreach"
+LOOP_CLOSURE = "refloop_loop_closure_ratio"
+OPEN_30D = "refloop_open_referrals_30d_ratio"
+DAYS_TO_CLOSE = "refloop_days_to_close"
+#: What a due policy timer did (the ``kind`` label of refloop_escalations_total).
+ESCALATION_KINDS = ("escalate", "worklist", "notify", "outreach")
+#: Outreach outcomes (the ``outcome`` label of refloop_outreach_total).
+OUTREACH_OUTCOMES = ("planned", "deferred", "skipped", "sent", "failed", "reply")
 
 #: What the normaliser owns; when it runs in its own process, these come from there.
 REFERRAL_CORE_FAMILIES = frozenset(
@@ -243,6 +254,38 @@ class Metrics:
             FHIR_RECONCILIATIONS,
             "Reconciliation searches against a FHIR source's server, by outcome",
             ["source", "outcome"],
+            registry=r,
+        )
+
+        self.timers_due = Gauge(
+            TIMERS_DUE, "Policy timers due and not yet fired (the scheduler's backlog)", registry=r
+        )
+        self.escalations = Counter(
+            ESCALATIONS,
+            "What due policy timers did: escalations, worklist items, notices, outreach",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ESCALATION_KINDS:
+            self.escalations.labels(kind)
+        self.worklist_open = Gauge(
+            WORKLIST_OPEN, "Open exceptions on the worklist, by reason", ["reason"], registry=r
+        )
+        self.outreach = Counter(
+            OUTREACH, "Patient outreach by channel and outcome", ["channel", "outcome"], registry=r
+        )
+        self.loop_closure = Gauge(
+            LOOP_CLOSURE,
+            "Referrals at least 30 days old whose loop closed (consult note back, or closed)",
+            registry=r,
+        )
+        self.open_30d = Gauge(
+            OPEN_30D, "Referrals at least 30 days old that are still open", registry=r
+        )
+        self.days_to_close = Gauge(
+            DAYS_TO_CLOSE,
+            "Days from referral to loop closure over closed referrals, by quantile",
+            ["quantile"],
             registry=r,
         )
 
