@@ -50,6 +50,8 @@ class TimerQueries(DriverQueries):
             f"WHERE status = 'pending' AND {self.among('id')}",
             "due": f"SELECT {_COLUMNS} FROM referral_timers WHERE status = 'pending' "
             f"AND due_at <= {m} ORDER BY due_at, id LIMIT {m}{skip}",
+            "defer": f"UPDATE referral_timers SET due_at = {m}, updated_at = {m} "
+            f"WHERE id = {m} AND status = 'pending'",
             "count_due": "SELECT COUNT(*) FROM referral_timers WHERE status = 'pending' "
             f"AND due_at <= {m}",
             "next_due": "SELECT MIN(due_at) FROM referral_timers WHERE status = 'pending'",
@@ -74,6 +76,14 @@ class TimerQueries(DriverQueries):
     def fired(self, cur: Any, ids: Sequence[str], now: datetime) -> None:
         if ids:
             cur.execute(self.sql["fired"], (self._stamp(now), self._list(ids)))
+
+    def defer(self, cur: Any, later: Sequence[tuple[str, datetime]], now: datetime) -> None:
+        """Keep these timers pending, due again at the given time (quiet hours)."""
+        if later:
+            stamp = self._stamp(now)
+            cur.executemany(
+                self.sql["defer"], [(self._stamp(when), stamp, tid) for tid, when in later]
+            )
 
     def due(self, now: datetime, limit: int) -> list[Timer]:
         """Pending timers due by ``now``, earliest first, locked for this transaction on
