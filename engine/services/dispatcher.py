@@ -71,8 +71,11 @@ from engine.outbound.model import (
 )
 from engine.outbound.packets import Renderer
 from engine.outbound.retry import DeadLetter, Policy, after_failure, success_events
+from engine.policy.language import Policy as ReferralPolicy
 from engine.protocol.hl7v2 import HeaderError, codec_for, decode
+from engine.services.mappings import NO_POLICY
 from engine.services.pipeline import canonical_json
+from engine.services.policy_runtime import with_policy
 from engine.store.eventlog import Changes, EventLog, EventRow, LogConnection
 from engine.store.outbox import Delivery
 from engine.store.schema import is_fhir_message
@@ -128,7 +131,13 @@ class Outcome:
 
 
 class DispatchStore(LogConnection):
-    """The dispatcher's database work, on one connection (one thread at a time)."""
+    """The dispatcher's database work, on one connection (one thread at a time).
+    ``policy``: the referral policy its outcome events pass through (a dead-lettered
+    delivery is a worklist item; ``referral.sent`` starts the scheduling window)."""
+
+    def __init__(self, engine: Engine, policy: Callable[[], ReferralPolicy] | None = None) -> None:
+        super().__init__(engine)
+        self.policy: Callable[[], ReferralPolicy] = policy or (lambda: NO_POLICY)
 
     def claim(self, now: datetime, worker: str, wanted: Mapping[str, int]) -> list[Delivery]:
         out: list[Delivery] = []
@@ -236,7 +245,8 @@ class DispatchStore(LogConnection):
                 if outcome.status == "dead"
                 else success_events(d.kind, confirmed=outcome.status == "delivered")
             )
-            el.write(self._events(el, d, kinds, outcome, now), now)
+            changes = with_policy(el, self.policy(), self._events(el, d, kinds, outcome, now), now)
+            el.write(changes, now)
             el.commit()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -326,6 +336,7 @@ class Dispatcher:
         worker: str | None = None,
         route_options: Callable[[str], Mapping[str, str]] | None = None,
         render_processes: int = 0,
+        policy: Callable[[], ReferralPolicy] | None = None,
     ) -> None:
         self.config = config
         # > 0 only with the registry's own renderers (a worker looks them up by name).
@@ -342,7 +353,7 @@ class Dispatcher:
             name: _Slot(ch, settings, policy_of(settings))
             for name, (ch, settings) in channels.items()
         }
-        self.store = DispatchStore(engine)
+        self.store = DispatchStore(engine, policy)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="refloop-dispatcher")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()

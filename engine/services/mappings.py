@@ -25,6 +25,7 @@ from engine.metrics import Metrics
 from engine.outbound.model import DeliveryRequest, Trigger
 from engine.outbound.packets.registry import FORMATS
 from engine.outbound.routing import Outbound, OutboundError, load_outbound
+from engine.policy.language import Policy, PolicyError, load_policy
 from engine.services.pipeline import Route
 
 log = get_logger("refloop.mappings")
@@ -85,6 +86,18 @@ def load_outbound_checked(root: Path, channels: Collection[str] | None) -> Outbo
     return load_outbound(root, known_formats=FORMATS, known_channels=channels)
 
 
+#: No timers, no escalations: [policy] enabled = false, or a run without its nudges.
+NO_POLICY = Policy(digest="none")
+
+
+def load_policy_checked(root: Path, outbound: Outbound, *, enabled: bool = True) -> Policy:
+    """The referral policy of ``root/policies`` (its ``notify`` steps checked against the
+    outbound routes); raises PolicyError listing file:line:column problems."""
+    if not enabled:
+        return NO_POLICY
+    return load_policy(root, known_routes=[r.id for r in outbound.routes])
+
+
 def router_of(outbound: Outbound, channels: Collection[str] | None = None) -> Route | None:
     """The pipeline's router for this outbound set. None — nothing is enqueued — when no
     route is enabled, or when the config defines no channel at all (a fresh install: an
@@ -113,6 +126,8 @@ class MappingHolder:
         outbound: Outbound | None = None,
         channels: Collection[str] | None = None,
         outbound_root: Path | None = None,
+        *,
+        policy_enabled: bool = True,
     ) -> None:
         self.root = root
         self.outbound_root = outbound_root or root
@@ -122,6 +137,8 @@ class MappingHolder:
         self.channels = frozenset(channels) if channels is not None else None
         self.outbound = outbound or load_outbound_checked(self.outbound_root, self.channels)
         self._router = router_of(self.outbound, self.channels)
+        self.policy_enabled = policy_enabled
+        self.policy = load_policy_checked(root, self.outbound, enabled=policy_enabled)
         self._seen = self._fingerprint()
 
     @classmethod
@@ -132,11 +149,22 @@ class MappingHolder:
         metrics: Metrics,
         channels: Collection[str] | None = None,
         outbound_root: Path | None = None,
+        *,
+        policy_enabled: bool = True,
     ) -> MappingHolder:
         """At start: raises on any problem, so the daemon refuses to run without a set."""
         mapping_set = load_checked(root, overlays)
         outbound = load_outbound_checked(outbound_root or root, channels)
-        return cls(root, overlays, metrics, mapping_set, outbound, channels, outbound_root)
+        return cls(
+            root,
+            overlays,
+            metrics,
+            mapping_set,
+            outbound,
+            channels,
+            outbound_root,
+            policy_enabled=policy_enabled,
+        )
 
     def _fingerprint(self) -> Fingerprint:
         seen = fingerprint(self.root)
@@ -159,10 +187,11 @@ class MappingHolder:
         try:
             fresh = load_checked(self.root, self.overlays)
             outbound = load_outbound_checked(self.outbound_root, self.channels)
-        except (MappingSetError, OverlayError, OutboundError) as exc:
+            policy = load_policy_checked(self.root, outbound, enabled=self.policy_enabled)
+        except (MappingSetError, OverlayError, OutboundError, PolicyError) as exc:
             errors = (
                 tuple(str(e) for e in exc.errors)
-                if isinstance(exc, MappingSetError | OutboundError)
+                if isinstance(exc, MappingSetError | OutboundError | PolicyError)
                 else tuple(str(exc).splitlines())
             )
             self.metrics.mapping_reloads.labels("error").inc()
@@ -173,11 +202,16 @@ class MappingHolder:
                 errors=list(errors),
             )
             return Reload("error", self.current.digest, errors)
-        if fresh.digest == self.current.digest and outbound.digest == self.outbound.digest:
+        if (
+            fresh.digest == self.current.digest
+            and outbound.digest == self.outbound.digest
+            and policy.digest == self.policy.digest
+        ):
             return Reload("unchanged", fresh.digest)
         before = self.current.digest
         self.current = fresh
         self.outbound = outbound
+        self.policy = policy
         self._router = router_of(outbound, self.channels)
         self.metrics.mapping_reloads.labels("ok").inc()
         log.info("mappings.reloaded", root=str(self.root), before=before, digest=fresh.digest)

@@ -52,8 +52,9 @@ from engine.domain.referral import Event, State
 from engine.logs import get_logger
 from engine.mapping.mapset import MappingSet
 from engine.metrics import Metrics
+from engine.policy.language import Policy
 from engine.protocol.hl7v2 import HeaderError, codec_for, decode
-from engine.services.mappings import MappingHolder
+from engine.services.mappings import NO_POLICY, MappingHolder
 from engine.services.pipeline import (
     Inbound,
     Known,
@@ -63,6 +64,7 @@ from engine.services.pipeline import (
     lookup_values,
     plan,
 )
+from engine.services.policy_runtime import item_key, with_policy
 from engine.store.eventlog import (
     Busy,
     Changes,
@@ -72,6 +74,7 @@ from engine.store.eventlog import (
     StoredMessage,
 )
 from engine.store.schema import is_fhir_message
+from engine.store.worklist import NewItem
 
 log = get_logger("refloop.normaliser")
 
@@ -170,6 +173,16 @@ def is_connection_error(exc: BaseException) -> bool:
     return name in ("OperationalError", "InterfaceError")
 
 
+def unmatched_item(message_id: int) -> NewItem:
+    return NewItem(
+        key=item_key(f"message:{message_id}", "unmatched_message"),
+        reason="unmatched_message",
+        message_id=message_id,
+        detail=f"message {message_id} matched no referral within the parked TTL "
+        "(see `refloop messages show`)",
+    )
+
+
 class Processor:
     """Normalise and apply messages on one connection (one thread at a time)."""
 
@@ -183,8 +196,10 @@ class Processor:
         clock: Callable[[], datetime] | None = None,
         share_cpu: bool = False,
         router: Callable[[], Route | None] | None = None,
+        policy: Callable[[], Policy] | None = None,
     ) -> None:
         self._engine = engine
+        self._policy = policy or (lambda: NO_POLICY)
         self._mapping_set = mapping_set
         self._router = router or (lambda: None)
         self._share_cpu = share_cpu
@@ -330,7 +345,10 @@ class Processor:
             waiting = el.parked(fresh) if fresh else []
             if waiting:
                 planned = plan(live, replace(known, parked=waiting), now, route)
-            el.write(planned.changes, now)
+            changes = with_policy(
+                el, self._policy(), planned.changes, now, stored=known.referrals
+            )
+            el.write(changes, now)
             el.commit()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -432,6 +450,9 @@ class Processor:
         try:
             now = self.clock()
             expired = el.expire_parked(now - ttl, now)
+            if expired:
+                # An unmatched message is an exception for a person, not a log line.
+                el.write(Changes(worklist=[unmatched_item(mid) for mid in expired]), now)
             requeued = el.requeue_parked()
             el.commit()
         except BaseException:
@@ -488,6 +509,7 @@ class NormaliserWorker:
             clock=clock,
             share_cpu=share_cpu,
             router=mappings.router,
+            policy=lambda: self.mappings.policy,
         )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="refloop-normaliser")
         self._loop: asyncio.AbstractEventLoop | None = None

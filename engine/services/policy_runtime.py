@@ -148,27 +148,41 @@ def append(
     return Changes(referrals=[current], events=rows, deliveries=deliveries), current
 
 
-def with_policy(el: EventLog, policy: Policy, changes: Changes, now: datetime) -> Changes:
+def with_policy(
+    el: EventLog,
+    policy: Policy,
+    changes: Changes,
+    now: datetime,
+    *,
+    stored: Mapping[str, Referral] | None = None,
+) -> Changes:
     """``changes`` plus what the policy makes of its events (see the module docstring).
-    Reads the touched referrals' stored projections and pending timers: call it inside
-    the writer's transaction, before :meth:`EventLog.write`."""
+    Reads the touched referrals' stored projections (those not in ``stored``, which a
+    caller that has just read them passes) and pending timers: call it inside the
+    writer's transaction, before :meth:`EventLog.write`."""
     if not changes.events:
         return changes
     by_referral: dict[str, list[EventRow]] = defaultdict(list)
     for row in changes.events:
         by_referral[row.referral_id].append(row)
     ids = sorted(by_referral)
-    stored = {r.id: r for r in el.referrals(ids)}
+    # A referral whose first new event is its creation has no stored row and no timers.
+    existing = [rid for rid in ids if min(r.sequence for r in by_referral[rid]) > 1]
+    before = dict(stored or {})
+    missing = [rid for rid in existing if rid not in before]
+    if missing:
+        before.update({r.id: r for r in el.referrals(missing)})
     pending: dict[str, dict[str, Timer]] = defaultdict(dict)
-    for t in el.timers.pending(ids):
-        pending[t.referral_id][t.id] = t
+    if policy.rules() and existing:
+        for t in el.timers.pending(existing):
+            pending[t.referral_id][t.id] = t
     armed: dict[str, Timer] = {t.id: t for t in changes.timers}
     cleared: list[str] = list(changes.cleared_timers)
     items: list[NewItem] = list(changes.worklist)
     moved: list[Moved] = list(changes.moved)
     stop: list[str] = list(changes.stop_outreach)
     for rid in ids:
-        current = stored.get(rid)
+        current = before.get(rid)
         timers = pending[rid]
         timers.update({t.id: t for t in changes.timers if t.referral_id == rid})
         state_changed = False
