@@ -59,8 +59,9 @@ __all__ = [
 Route = Callable[[Trigger], tuple[Sequence[DeliveryRequest], Sequence[str]]]
 
 _NAMESPACE = uuid.UUID("5d0f3b8a-61c2-4c8e-9a57-3c1f2b7d9e40")
-#: Below this a correlation was a guess (the patient + specialty heuristic).
-CONFIDENT = 1.0
+#: Below this a correlation was a guess (the patient + specialty heuristic), as
+#: engine.domain.correlation.Match.needs_review has it.
+CONFIDENT = 0.9
 
 
 def item_key(cause: str, reason: str) -> str:
