@@ -176,13 +176,24 @@ def _check_channels(config: Config) -> list[str]:
 def _check_mappings(config: Config) -> tuple[str | None, list[str]]:
     from engine.mapping.mapset import MappingSetError
     from engine.outbound.routing import OutboundError
-    from engine.services.mappings import OverlayError, load_checked, load_outbound_checked
+    from engine.policy.language import PolicyError
+    from engine.services.mappings import (
+        OverlayError,
+        load_checked,
+        load_outbound_checked,
+        load_policy_checked,
+    )
 
     root = config.mappings_dir()
     try:
         digest = load_checked(root, config.overlays()).digest
-        load_outbound_checked(config.outbound_dir(), config.channels.keys())
+        outbound = load_outbound_checked(config.outbound_dir(), config.channels.keys())
+        load_policy_checked(root, outbound, enabled=config.policy.enabled)
         return digest, []
+    except PolicyError as exc:
+        return None, [
+            f"{config.source}: mappings.dir: {root}: the referral policy did not load:"
+        ] + [f"  {e}" for e in exc.errors]
     except OutboundError as exc:
         return None, [f"{config.source}: mappings.dir: {root}: the outbound set did not load:"] + [
             f"  {e}" for e in exc.errors

@@ -22,9 +22,11 @@ from engine.logs import get_logger
 from engine.mapping.mapset import MappingSetError
 from engine.metrics import REFERRAL_CORE_FAMILIES, Metrics, select_families
 from engine.outbound.routing import OutboundError
+from engine.policy.language import PolicyError
 from engine.services.dispatcher import Dispatcher
 from engine.services.mappings import MappingHolder, OverlayError
 from engine.services.normaliser import NormaliserWorker, sources_from
+from engine.services.scheduler import Scheduler
 from engine.services.writer import GroupCommitWriter
 from engine.store.database import (
     SchemaError,
@@ -94,8 +96,16 @@ def load_mappings(config: Config, metrics: Metrics) -> MappingHolder:
         )
     try:
         return MappingHolder.load(
-            root, config.overlays(), metrics, config.channels.keys(), config.outbound_dir()
+            root,
+            config.overlays(),
+            metrics,
+            config.channels.keys(),
+            config.outbound_dir(),
+            policy_enabled=config.policy.enabled,
         )
+    except PolicyError as exc:
+        lines = "\n".join(f"  {e}" for e in exc.errors)
+        raise StartupError(f"the referral policy in {root} did not load:\n{lines}") from None
     except OutboundError as exc:
         lines = "\n".join(f"  {e}" for e in exc.errors)
         raise StartupError(f"the outbound set in {root} did not load:\n{lines}") from None
@@ -133,6 +143,7 @@ class Daemon:
         self.normaliser: NormaliserWorker | None = None  # in-process mode
         self.normaliser_process: NormaliserProcess | None = None  # separate-process mode
         self.dispatcher: Dispatcher | None = None
+        self.scheduler: Scheduler | None = None
         self.mappings: MappingHolder | None = None
         self.subscriptions: Any = None  # engine.services.subscriptions.SubscriptionManager
         self._reloader: asyncio.Task[None] | None = None
@@ -170,7 +181,10 @@ class Daemon:
                 self.metrics,
                 route_options=lambda route: holder.outbound.options(route),
                 render_processes=self.config.outbound.render_processes,
+                policy=lambda: holder.policy,
             )
+        if self.config.policy.enabled and mappings is not None:
+            self.scheduler = self._build_scheduler(mappings)
         if not self.config.normalizer.enabled:
             mappings = None
         if mappings is not None and self.config.normalizer.separate_process:
@@ -206,10 +220,12 @@ class Daemon:
                 self.normaliser_process.start()
             if self.dispatcher is not None:
                 self.dispatcher.start()
-                if self.normaliser is None:
-                    # The directory the dispatcher renders from follows the mapping
-                    # folder here too (the normaliser reloads its own copy).
-                    self._reloader = asyncio.get_running_loop().create_task(self._follow())
+            if self.scheduler is not None:
+                self.scheduler.start()
+            if (self.dispatcher or self.scheduler) and self.normaliser is None:
+                # The directory the dispatcher renders from and the policy the scheduler
+                # fires follow the mapping folder here too (the normaliser reloads its own).
+                self._reloader = asyncio.get_running_loop().create_task(self._follow())
             for index, lcfg in enumerate(self.config.mllp.listeners):
                 listener = MllpListener(
                     lcfg,
@@ -261,6 +277,19 @@ class Daemon:
         if self.normaliser_process is not None:
             log.info("daemon.reload_requested")
             self.normaliser_process.request_reload()
+
+    def _build_scheduler(self, holder: MappingHolder) -> Scheduler:
+        assert self.engine is not None
+        return Scheduler(
+            self.engine,
+            policy=lambda: holder.policy,
+            outbound=lambda: holder.outbound,
+            outreach=None,
+            metrics=self.metrics,
+            batch=self.config.policy.batch,
+            poll_seconds=self.config.policy.poll_seconds,
+            on_commit=self._wake_dispatcher,
+        )
 
     def _wake_dispatcher(self) -> None:
         if self.dispatcher is not None:
@@ -389,6 +418,8 @@ class Daemon:
             self._reloader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reloader
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self.dispatcher is not None:
             # Last: what the normaliser enqueued while draining still goes out, and
             # deliveries on the wire get stop_seconds to finish.

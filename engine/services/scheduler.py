@@ -122,7 +122,8 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
-        self._extra: list[Callable[[], None]] = []
+        self._extra: list[Callable[[], None]] = [self.refresh_gauges]
+        self._reasons: set[str] = set()
 
     # -- the work ------------------------------------------------------------------------
 
@@ -154,6 +155,21 @@ class Scheduler:
 
     def close(self) -> None:
         self._log.close()
+
+    def refresh_gauges(self, now: datetime | None = None) -> None:
+        """``refloop_worklist_open{reason}`` from the store (a reason that emptied reads 0)."""
+        if self.metrics is None:
+            return
+        el = self._log.eventlog
+        try:
+            counts = el.worklist.open_counts(now or self.clock())
+        finally:
+            el.end()
+        for reason in self._reasons - counts.keys():
+            self.metrics.worklist_open.labels(reason).set(0)
+        for reason, n in counts.items():
+            self.metrics.worklist_open.labels(reason).set(n)
+        self._reasons |= counts.keys()
 
     def _batch(self, now: datetime) -> Fired:
         el = self._log.eventlog
