@@ -15,6 +15,13 @@ Analysts write ``mappings/policies/*.yaml``. Two kinds of rule:
   specialist a week after the visit. Each step does one thing: ``outreach``,
   ``worklist``, ``escalate`` or ``notify``.
 
+A ladder may count back from the appointment instead (``before_appointment:``, steps
+``{before: 72h, …}``): reminders 72 and 24 hours before the booked start. Its states are
+``scheduled`` only; its steps are due at the projection's ``appointment.start`` minus
+their offset, a step already past when the appointment is booked is skipped (booked 20
+hours ahead: no reminder at all), and a new start (a reschedule, or a booking that
+moves the time) re-arms the ladder from the new time without any ``restart_on``.
+
 Both may be narrowed by ``specialty`` and ``priority``. Windows form one *family*; each
 ladder belongs to the family its ``ladder:`` names (default: its own id). For a referral
 in a state, every family contributes at most one rule: of the rules whose states hold it
@@ -72,7 +79,12 @@ CASES_SUFFIX = ".cases.yaml"
 TOP_KEYS = ("schema", "description", "windows", "ladders")
 SCOPE_KEYS = ("states", "specialty", "priority", "restart_on")
 WINDOW_KEYS = ("id", "description", *SCOPE_KEYS, "within", "reason", "level", "owner", "due")
-LADDER_KEYS = ("id", "description", "ladder", *SCOPE_KEYS, "steps")
+LADDER_KEYS = ("id", "description", "ladder", *SCOPE_KEYS, "steps", "before_appointment")
+#: What a ladder's steps count from: the state entry, or back from the appointment start.
+ENTRY = "entry"
+APPOINTMENT = "appointment"
+#: The states an appointment ladder may name: the ones with a booked appointment ahead.
+APPOINTMENT_STATES = ("scheduled",)
 ACTIONS = ("outreach", "worklist", "escalate", "notify")
 #: The keys each action takes besides ``after`` and ``do`` (required ones first).
 ACTION_KEYS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = MappingProxyType(
@@ -183,7 +195,9 @@ class Window:
 
 @dataclass(frozen=True)
 class Step:
-    after: timedelta  # from the state entry, not from the previous step
+    # From the ladder's anchor, not from the previous step: the state entry, or for an
+    # appointment ladder the appointment's start (negative: ``before: 72h`` is -72h).
+    after: timedelta
     do: str  # outreach | worklist | escalate | notify
     template: str = ""  # outreach
     prefer: tuple[str, ...] = ()  # outreach: contact methods in order of preference
@@ -203,6 +217,7 @@ class Ladder:
     scope: Scope
     steps: tuple[Step, ...]
     where: str = ""
+    anchor: str = ENTRY  # entry | appointment: what the steps' offsets count from
 
 
 Rule = Window | Ladder
@@ -468,7 +483,14 @@ def _window(check: Checker, value: Any, at: KeyPath, loading: _Loading) -> Windo
 def _ladder(check: Checker, value: Any, at: KeyPath, loading: _Loading) -> Ladder:
     data = check.mapping(value, at, "a ladder")
     check.known_keys(data, at, LADDER_KEYS)
-    check.required(data, at, ("id", "states", "steps"), "a ladder")
+    counted = data.get("before_appointment") is not None
+    if counted and data.get("steps") is not None:
+        check.fail(
+            (*at, "before_appointment"),
+            "a ladder has steps (after the state entry) or before_appointment, not both",
+        )
+    list_key = "before_appointment" if counted else "steps"
+    check.required(data, at, ("id", "states", list_key), "a ladder")
     ident = check.code(data["id"], (*at, "id"), "id")
     if data.get("description") is not None:
         check.text(data["description"], (*at, "description"), "description")
@@ -476,37 +498,59 @@ def _ladder(check: Checker, value: Any, at: KeyPath, loading: _Loading) -> Ladde
     if data.get("ladder") is not None:
         family = check.code(data["ladder"], (*at, "ladder"), "ladder")
     scope = _scope(check, data, at)
-    items = check.items(data["steps"], (*at, "steps"), "steps")
+    if counted:
+        outside = sorted(s.value for s in scope.states if s.value not in APPOINTMENT_STATES)
+        if outside:
+            check.fail(
+                (*at, "states"),
+                f"a before_appointment ladder applies while {', '.join(APPOINTMENT_STATES)} "
+                f"(an appointment ahead), not {', '.join(outside)}",
+            )
+    items = check.items(data[list_key], (*at, list_key), list_key)
     if not items:
-        check.fail((*at, "steps"), "a ladder needs at least one step")
+        check.fail((*at, list_key), "a ladder needs at least one step")
     steps: list[Step] = []
     failed = False
+    offset = "before" if counted else "after"
     for i, item in enumerate(items):
-        step = check.attempt(_step, check, item, (*at, "steps", i), loading)
+        step = check.attempt(_step, check, item, (*at, list_key, i), loading, offset)
         if step is None:
             failed = True
             continue
         if steps and step.after < steps[-1].after:
-            check.report(
-                (*at, "steps", i, "after"),
-                f"steps run in order: {format_duration(step.after)} comes before the "
-                f"previous step's {format_duration(steps[-1].after)}",
-            )
+            if counted:
+                message = (
+                    f"steps run in order: {format_duration(-step.after)} before comes ahead "
+                    f"of the previous step's {format_duration(-steps[-1].after)} before"
+                )
+            else:
+                message = (
+                    f"steps run in order: {format_duration(step.after)} comes before the "
+                    f"previous step's {format_duration(steps[-1].after)}"
+                )
+            check.report((*at, list_key, i, offset), message)
             failed = True
         steps.append(step)
     if failed:
         raise Abandon
-    return Ladder(ident, f"ladder:{family}", scope, tuple(steps), check.where(at))
+    anchor = APPOINTMENT if counted else ENTRY
+    return Ladder(ident, f"ladder:{family}", scope, tuple(steps), check.where(at), anchor)
 
 
-def _step(check: Checker, value: Any, at: KeyPath, loading: _Loading) -> Step:
+def _step(
+    check: Checker, value: Any, at: KeyPath, loading: _Loading, offset: str = "after"
+) -> Step:
+    """One step; ``offset`` is ``after`` (the state entry) or ``before`` (the appointment
+    start, stored as a negative offset from it)."""
     data = check.mapping(value, at, "a step")
-    check.required(data, at, ("after", "do"), "a step")
+    check.required(data, at, (offset, "do"), "a step")
     do = check.choice(data["do"], (*at, "do"), "do", ACTIONS)
     needed, optional = ACTION_KEYS[do]
-    check.known_keys(data, at, ("after", "do", *needed, *optional))
+    check.known_keys(data, at, (offset, "do", *needed, *optional))
     check.required(data, at, needed, f"a {do} step")
-    after = check.duration(data["after"], (*at, "after"), "after")
+    after = check.duration(data[offset], (*at, offset), offset)
+    if offset == "before":
+        after = -after
     fields: dict[str, Any] = {}
     for key in (*needed, *optional):
         if data.get(key) is None:

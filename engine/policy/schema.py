@@ -37,7 +37,7 @@ def _scope() -> dict[str, Any]:
     }
 
 
-def _step(action: str) -> dict[str, Any]:
+def _step(action: str, offset: str = "after") -> dict[str, Any]:
     values: dict[str, dict[str, Any]] = {
         "template": _CODE,
         "prefer": one_or_many({"enum": list(lang.OUTREACH_CHANNELS)}),
@@ -51,11 +51,11 @@ def _step(action: str) -> dict[str, Any]:
     needed, optional = lang.ACTION_KEYS[action]
     return closed(
         {
-            "after": _DURATION,
+            offset: _DURATION,
             "do": {"const": action},
             **{k: values[k] for k in (*needed, *optional)},
         },
-        ("after", "do", *needed),
+        (offset, "do", *needed),
     )
 
 
@@ -84,9 +84,17 @@ def policy_schema() -> dict[str, Any]:
                 "minItems": 1,
                 "items": {"oneOf": [_step(a) for a in lang.ACTIONS]},
             },
+            "before_appointment": {
+                "type": "array",
+                "minItems": 1,
+                "description": "steps counted back from the appointment start (while scheduled)",
+                "items": {"oneOf": [_step(a, "before") for a in lang.ACTIONS]},
+            },
         },
-        ("id", "states", "steps"),
+        ("id", "states"),
     )
+    # One list or the other: after the state entry, or before the appointment.
+    ladder["oneOf"] = [{"required": ["steps"]}, {"required": ["before_appointment"]}]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://refloop.dev/schema/{NAME}",

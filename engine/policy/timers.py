@@ -25,6 +25,15 @@ The shell keeps timers durably and calls two functions, never reading a clock it
   does its one thing and arms the next step (due from the entry, so a late scheduler does
   not push the ladder back; after an outage the missed steps fire in order, each once).
 
+An **appointment ladder** (``before_appointment:``) counts back from the projection's
+``appointment.start``; its timers keep that start as their anchor (``entered_at``).
+Entering ``scheduled`` arms its first step not yet due (booked 20 hours ahead: the 72 h
+and 24 h reminders are both past, nothing is armed); an event that leaves the
+appointment at another start — a reschedule, a second booking — clears the pending
+step and re-arms from the new start, whatever the ladder's ``restart_on`` says. A step
+whose anchor is no longer the appointment's start, or that comes due once the
+appointment has begun (the scheduler was down), is stale and does nothing.
+
 Identifiers are deterministic: a timer's id is a UUID 5 of the referral, the rule, the
 sequence number of the event that entered the state and the step, so replaying the event
 log arms the same ids and a timer store keyed by id fires each once. An effect's key is
@@ -36,11 +45,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from engine.domain.projection import Referral
 from engine.domain.referral import Event, State
-from engine.policy.language import Ladder, Policy, Rule, Step, Window
+from engine.policy.language import APPOINTMENT, Ladder, Policy, Rule, Step, Window
 
 __all__ = [
     "NAMESPACE",
@@ -48,6 +57,7 @@ __all__ = [
     "Armed",
     "Effect",
     "Timer",
+    "appointment_start",
     "effect_key",
     "on_due",
     "on_transition",
@@ -76,7 +86,9 @@ class Timer:
     due_at: datetime
     step: int  # 0 for a window; the step's position in its ladder
     entry: int  # sequence number of the event that entered the rule's states
-    entered_at: datetime  # when it did: every step of a ladder counts from here
+    # When it did: every step of a ladder counts from here. For an appointment ladder,
+    # the appointment's start the steps count back from.
+    entered_at: datetime
 
 
 @dataclass(frozen=True)
@@ -126,8 +138,10 @@ def on_transition(
     the event (its ``sequence`` is the event's); ``pending`` are the referral's timers not
     yet fired or cleared."""
     selected = {r.family: r for r in _select(policy, referral, after)}
+    start = appointment_start(referral)
     clear: list[str] = []
     kept: set[str] = set()  # rule ids with a pending timer that stays
+    moved: set[str] = set()  # appointment ladders whose start moved: armed afresh
     replaced: dict[str, Timer] = {}  # family → a cleared timer another rule takes over
     for timer in sorted(pending, key=lambda t: (t.due_at, t.id)):
         rule = policy.rule(timer.rule)
@@ -137,18 +151,25 @@ def on_transition(
                 replaced.setdefault(rule.family, timer)
         elif event_type in rule.scope.restart_on:
             clear.append(timer.id)
+        elif _counts_back(rule) and timer.entered_at != start:
+            clear.append(timer.id)
+            moved.add(rule.id)
         else:
             kept.add(rule.id)
     armed: list[Timer] = []
     for family, rule in selected.items():
         if rule.id in kept:
             continue
+        anchor = start if _counts_back(rule) else at
         entering = before is None or before not in rule.scope.states
-        if entering or event_type in rule.scope.restart_on:
-            armed.extend(_first(rule, referral.id, referral.sequence, at, at))
+        if entering or event_type in rule.scope.restart_on or rule.id in moved:
+            if anchor is not None:
+                armed.extend(_first(rule, referral.id, referral.sequence, anchor, at))
         elif family in replaced:
             old = replaced[family]
-            armed.extend(_first(rule, referral.id, old.entry, old.entered_at, at))
+            anchor = start if _counts_back(rule) else old.entered_at
+            if anchor is not None:
+                armed.extend(_first(rule, referral.id, old.entry, anchor, at))
     return Armed(tuple(armed), tuple(clear))
 
 
@@ -168,12 +189,33 @@ def on_due(
         return _missed(rule, referral, timer), NOTHING
     if timer.step >= len(rule.steps) or rule.steps[timer.step].do != timer.kind:
         return (), NOTHING  # the ladder was rewritten since this timer was armed
+    if _counts_back(rule) and (
+        timer.entered_at != appointment_start(referral) or now >= timer.entered_at
+    ):
+        return (), NOTHING  # another appointment time, or this one has begun
     effect = _effect(rule.steps[timer.step], rule, referral, timer)
     following = timer.step + 1
     if following >= len(rule.steps):
         return (effect,), NOTHING
     step = _timer(rule, referral.id, following, timer.entry, timer.entered_at)
     return (effect,), Armed(set=(step,))
+
+
+def appointment_start(referral: Referral) -> datetime | None:
+    """The booked appointment's start (aware; a zone-less time is taken as UTC), when the
+    projection has one that reads as ISO 8601."""
+    raw = referral.data.get("appointment", {}).get("start")
+    if not isinstance(raw, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _counts_back(rule: Rule) -> bool:
+    return isinstance(rule, Ladder) and rule.anchor == APPOINTMENT
 
 
 def _select(policy: Policy, referral: Referral, state: State) -> tuple[Rule, ...]:
@@ -200,7 +242,8 @@ def _timer(rule: Rule, referral_id: str, step: int, entry: int, entered_at: date
 def _first(
     rule: Rule, referral_id: str, entry: int, entered_at: datetime, at: datetime
 ) -> list[Timer]:
-    """The first timer of ``rule`` for an entry at ``entered_at``, decided at ``at``.
+    """The first timer of ``rule`` for an entry at ``entered_at`` (an appointment
+    ladder: its start), decided at ``at``.
 
     A window is armed even when already past (a miss is a miss). A ladder taking over
     mid-state starts at its first step not yet due: the moment of the others has gone, and
