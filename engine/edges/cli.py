@@ -26,6 +26,7 @@ from engine.edges.cli_common import (
 from engine.edges.cli_deliveries import deliveries, listen
 from engine.edges.cli_mappings import mappings
 from engine.edges.cli_referrals import parked, referrals, replay
+from engine.edges.cli_simulate import simulate
 from engine.edges.cli_worklist import worklist
 from engine.protocol.hl7v2 import split_segments
 
@@ -473,6 +474,7 @@ main.add_command(referrals)
 main.add_command(deliveries)
 main.add_command(listen)
 main.add_command(mappings)
+main.add_command(simulate)
 main.add_command(worklist)
 messages.add_command(replay)
 messages.add_command(parked)
