@@ -17,6 +17,20 @@ reach them, as long as the entry is ``active: false``.
 
 The :class:`Directory` itself is pure lookups. Inactive entries are invisible to them
 (except :meth:`Directory.get`): ``active: false`` takes a specialist out of routing.
+
+Choosing a specialist (:meth:`Directory.choose`): the referral's named recipient
+(``recipient.identifier``: an NPI or a directory id) when the directory has them active
+and they take the patient's plan; otherwise, among the active entries offering the
+referral's specialty, those **in network** for its ``insurance.plan`` — an entry that
+lists ``accepted_plans`` takes those plans only (compared without case), an entry that
+lists none takes any plan (the directory does not know its contracts), and a referral
+without a plan is not filtered — and of those, the ones whose ``locations`` include the
+referral's ``location`` first, then the rest; file order breaks every tie. Location is a
+preference, never a filter: a patient is better served far away than not at all.
+Entries already tried (a specialist who declined) are left out. A named specialist who
+is passed over is said so in the choice's ``note``; no candidate at all is a ``code``
+(:data:`NO_SPECIALIST`, :data:`NO_IN_NETWORK`, :data:`DECLINED_NO_ALTERNATIVE`) that the
+pipeline turns into a worklist item.
 """
 
 from __future__ import annotations
@@ -143,6 +157,36 @@ class Checker(TextChecker):
 
 # ---- the directory -----------------------------------------------------------------------
 
+#: Why no specialist could be chosen (worklist reasons).
+NO_SPECIALIST = "no_specialist"
+NO_IN_NETWORK = "no_in_network_specialist"
+DECLINED_NO_ALTERNATIVE = "declined_no_alternative"
+
+
+def _same(a: str) -> str:
+    return a.strip().casefold()
+
+
+def accepts(specialist: Specialist, plan: str | None) -> bool:
+    """In network for ``plan``: no plan known, no plans listed, or the plan is listed."""
+    if not plan or not specialist.accepted_plans:
+        return True
+    return _same(plan) in {_same(p) for p in specialist.accepted_plans}
+
+
+def serves(specialist: Specialist, location: str | None) -> bool:
+    return bool(location) and _same(location or "") in {_same(x) for x in specialist.locations}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Who :meth:`Directory.choose` picked; ``code`` says why nobody (when nobody), and
+    ``note`` why the named recipient was passed over (configuration only, no PHI)."""
+
+    specialist: Specialist | None
+    code: str = ""
+    note: str = ""
+
 
 @dataclass(frozen=True)
 class Directory:
@@ -192,6 +236,46 @@ class Directory:
             if found is not None:
                 return found
         return self.for_specialty(specialty) if specialty else None
+
+    def choose(
+        self,
+        identifier: str | None,
+        specialty: str | None,
+        *,
+        plan: str | None = None,
+        location: str | None = None,
+        exclude: Collection[str] = (),
+    ) -> Choice:
+        """Who a referral goes to, by name, specialty, network and location (see the
+        module docstring); ``exclude``: directory ids already tried."""
+        note = ""
+        if identifier:
+            named = self.find(identifier)
+            if named is not None:
+                if named.id in exclude:
+                    note = f"the named recipient {named.id} was already tried"
+                elif not accepts(named, plan):
+                    note = f"the named recipient {named.id} does not accept the referral's plan"
+                else:
+                    return Choice(named)
+        if not specialty:
+            return Choice(None, DECLINED_NO_ALTERNATIVE if exclude else NO_SPECIALIST, note)
+        offering = [s for s in self.specialists if s.active and specialty in s.specialties]
+        untried = [s for s in offering if s.id not in exclude]
+        in_network = [s for s in untried if accepts(s, plan)]
+        if not in_network:
+            # After a decline, whoever is left being out of network is still "no
+            # alternative": the coordinator's question is the same.
+            if exclude:
+                code = DECLINED_NO_ALTERNATIVE
+            else:
+                code = NO_IN_NETWORK if untried else NO_SPECIALIST
+            return Choice(None, code, note)
+        near = [s for s in in_network if serves(s, location)]
+        chosen = (near or in_network)[0]
+        if note:
+            note += f": sent to {chosen.id}, the next in-network candidate"
+        return Choice(chosen, "", note)
 
     def channels(self) -> frozenset[str]:
         return frozenset(t.channel for s in self.specialists if s.active for t in s.targets)

@@ -20,6 +20,20 @@ Routes are tried in file order and every matching route yields its deliveries; a
 that matches but cannot be delivered (no specialist, no write-back for the source) is an
 :class:`Unrouted` with a reason naming configuration only, never patient data.
 
+``to: recipient`` asks the directory (:meth:`Directory.choose`): the named recipient,
+else by specialty, in network for the referral's ``insurance.plan``, nearest its
+``location`` first. When nobody can take it the :class:`Unrouted` carries a ``code``
+(``no_specialist``, ``no_in_network_specialist``, ``declined_no_alternative``), also at
+the end of its reason as ``[code]``, which the pipeline turns into a worklist item. A
+named recipient passed over for another (out of network, already tried) is a *warning*
+``Unrouted`` beside the delivery: said, not an exception.
+
+A ``referral.declined`` trigger routes away from whoever declined: the directory ids in
+the referral's ``routing.tried`` (the pipeline keeps that list on each decline), the
+last ``delivery.recipient`` and the named recipient are left out, so the route on
+``referral.declined`` sends the packet to the next candidate — or, with none left, a
+``declined_no_alternative`` item.
+
 Each delivery's idempotency key is a UUID 5 of the event id, the route id and the
 target's position (``source`` for the source), so routing a replayed event again yields
 the same keys and the outbox keeps one row. Channel names are checked against
@@ -34,7 +48,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -43,8 +57,12 @@ from engine.domain.referral import Event, State
 from engine.mapping.checker import hint
 from engine.mapping.source import Document, KeyPath, SourceError, loads
 from engine.outbound.directory import (
+    DECLINED_NO_ALTERNATIVE,
+    NO_IN_NETWORK,
+    NO_SPECIALIST,
     YAML_SUFFIXES,
     Checker,
+    Choice,
     Directory,
     OutboundError,
     read_directory,
@@ -54,6 +72,7 @@ from engine.outbound.model import DeliveryRequest, Party, Specialist, Trigger
 __all__ = [
     "EMPTY",
     "NAMESPACE",
+    "TRIED_FIELD",
     "Outbound",
     "OutboundError",
     "Route",
@@ -63,6 +82,7 @@ __all__ = [
     "WritebackTarget",
     "delivery_key",
     "load_outbound",
+    "unrouted_code",
 ]
 
 ROUTES_SCHEMA = "referral-routes/v1"
@@ -126,6 +146,19 @@ def delivery_key(event_id: str, route_id: str, part: str) -> str:
 class Unrouted:
     route_id: str
     reason: str  # configuration only, no PHI
+    code: str = ""  # a worklist reason when nobody could take the referral (see above)
+    warning: bool = False  # said beside a delivery that went (to another specialist)
+
+
+#: Field of the referral group: directory ids that declined it (kept by the pipeline).
+TRIED_FIELD = "routing.tried"
+_CODE_SUFFIX = re.compile(r"\[([a-z_]+)\]$")
+
+
+def unrouted_code(reason: str) -> str | None:
+    """The worklist code at the end of an unrouted reason (``… [no_specialist]``)."""
+    found = _CODE_SUFFIX.search(reason)
+    return found.group(1) if found else None
 
 
 @dataclass(frozen=True)
@@ -189,15 +222,47 @@ class _Facts:
         self.identifier = _identifier(_value(trigger, "recipient.identifier"))
         self.specialty = _code(_value(trigger, "specialty"))
         self.priority = _code(_value(trigger, "priority"))
-        self._recipient: Specialist | None = None
-        self._resolved = False
+        # Only the order's own plan and location: an appointment's location is not where
+        # the patient asked to be seen.
+        self.plan = _code(trigger.referral.get("referral", "insurance.plan"))
+        self.location = _code(trigger.referral.get("referral", "location"))
+        self._choice: Choice | None = None
+
+    def tried(self) -> frozenset[str]:
+        """Who declined: only a decline routes away from anyone."""
+        if self.trigger.event.type is not Event.REFERRAL_DECLINED:
+            return frozenset()
+        referral = self.trigger.referral
+        listed = referral.get("referral", TRIED_FIELD)
+        out = {str(x) for x in listed} if isinstance(listed, list) else set()
+        last = referral.get("referral", "delivery.recipient")
+        if isinstance(last, str) and last:
+            out.add(last)
+        if self.identifier:
+            named = self.directory.find(self.identifier)
+            if named is not None:
+                out.add(named.id)
+        return frozenset(out)
+
+    @property
+    def choice(self) -> Choice:
+        if self._choice is None:
+            self._choice = self.directory.choose(
+                self.identifier,
+                self.specialty,
+                plan=self.plan,
+                location=self.location,
+                exclude=self.tried(),
+            )
+            declined = self.trigger.event.type is Event.REFERRAL_DECLINED
+            if declined and self._choice.specialist is None:
+                # Whatever else is missing, what a person must decide is where it goes now.
+                self._choice = replace(self._choice, code=DECLINED_NO_ALTERNATIVE)
+        return self._choice
 
     @property
     def recipient(self) -> Specialist | None:
-        if not self._resolved:
-            self._recipient = self.directory.select(self.identifier, self.specialty)
-            self._resolved = True
-        return self._recipient
+        return self.choice.specialist
 
     def admits(self, when: When) -> bool:
         before = self.trigger.event.state_before
@@ -217,10 +282,29 @@ class _Facts:
         return True
 
     def no_recipient(self) -> str:
-        named = " (the named recipient is not an active entry)" if self.identifier else ""
-        if self.specialty:
-            return f"no specialist in the directory for specialty {self.specialty}{named}"
-        return f"no specialist in the directory for this referral: it has no specialty{named}"
+        choice = self.choice
+        code = choice.code or NO_SPECIALIST
+        if choice.note:
+            named = f" ({choice.note})"
+        elif self.identifier:
+            named = " (the named recipient is not an active entry)"
+        else:
+            named = ""
+        if not self.specialty:
+            text = f"no specialist in the directory for this referral: it has no specialty{named}"
+        elif code == NO_IN_NETWORK:
+            text = (
+                f"no in-network specialist in the directory for specialty {self.specialty}: "
+                f"none takes the referral's plan{named}"
+            )
+        elif code == DECLINED_NO_ALTERNATIVE:
+            text = (
+                f"no other specialist in the directory for specialty {self.specialty}: "
+                f"every candidate declined or was tried{named}"
+            )
+        else:
+            text = f"no specialist in the directory for specialty {self.specialty}{named}"
+        return f"{text} [{code}]"
 
 
 def _value(trigger: Trigger, name: str) -> Any:
@@ -275,6 +359,8 @@ class Outbound:
                 unrouted.append(outcome)
             else:
                 deliveries.extend(outcome)
+                if outcome and route.to == "recipient" and facts.choice.note:
+                    unrouted.append(Unrouted(route.id, facts.choice.note, warning=True))
         return Routed(tuple(deliveries), tuple(unrouted))
 
     def route_named(self, route_id: str, trigger: Trigger) -> Routed:
@@ -295,12 +381,13 @@ class Outbound:
         )
         if isinstance(outcome, Unrouted):
             return Routed((), (outcome,))
+        # A notice sent to another specialist than the named one went: no exception.
         return Routed(tuple(outcome), ())
 
     def _to_recipient(self, route: Route, facts: _Facts) -> list[DeliveryRequest] | Unrouted:
         specialist = facts.recipient
         if specialist is None:
-            return Unrouted(route.id, facts.no_recipient())
+            return Unrouted(route.id, facts.no_recipient(), facts.choice.code or NO_SPECIALIST)
         targets = specialist.targets[:1] if route.targets == "first" else specialist.targets
         out: list[DeliveryRequest] = []
         seen: set[tuple[str, str, str]] = set()

@@ -28,6 +28,23 @@ same transaction (the transactional outbox). What the router could not place (no
 specialist for the specialty, no write-back for the source) becomes a warning on the
 message, visible in ``refloop messages show``.
 
+Pre-authorization: with ``needs_auth`` (the payer table,
+:func:`engine.policy.authorization.requires`), a ``referral.created`` that starts a
+referral the table holds is followed, in the same message, by a synthetic
+``authorization.pending`` (id: a UUID 5 of the created event's id, so a replay stages it
+once; rule ``auth:<table rule>``). Both are folded before anything is routed, so the
+created event is routed with the referral already in ``auth_pending``: the packet route
+(``when: state: created``) does not fire, and the packet leaves on
+``authorization.approved`` instead (its route, ``when: state_before: auth_pending``).
+
+Routing exceptions: an unrouted reason that ends in a worklist code (``[no_specialist]``,
+``[no_in_network_specialist]``, ``[declined_no_alternative]``, see
+:func:`engine.outbound.routing.unrouted_code`) also becomes a worklist item on the
+referral (key: a UUID 5 of the event id and the code), raised for the state the event
+left it in. On a ``referral.declined`` the pipeline adds the specialist who had the
+packet (the referral's last ``delivery.recipient``) to the referral's ``routing.tried``
+list, so the decline route sends the packet to someone who has not had it yet.
+
 Order: per referral, events are applied in message id order. When a message's new keys
 release parked messages (older, so smaller ids), the batch is cut right after it: the
 released messages are ``received`` again and the next batch takes them before anything
@@ -49,13 +66,44 @@ from engine.domain.events import CanonicalEvent, Diagnostic, Normalised, Outcome
 from engine.domain.projection import LoggedEvent, Referral, Step, fold
 from engine.domain.referral import TERMINAL, Event
 from engine.outbound.model import DeliveryRequest, ReferralView, Trigger, TriggerEvent
+from engine.outbound.routing import TRIED_FIELD, unrouted_code
 from engine.store.eventlog import Changes, EventRow, MessageUpdate
 from engine.store.outbox import NewDelivery
+from engine.store.worklist import NewItem
 
 #: The router: a trigger → (deliveries to enqueue, reasons nothing could be routed).
 Route = Callable[[Trigger], tuple[Sequence[DeliveryRequest], Sequence[str]]]
+#: The pre-authorization table's question: the rule that holds this referral, or None.
+NeedsAuth = Callable[[Referral], str | None]
 
 _REFERRAL_NAMESPACE = uuid.UUID("0b7f8e36-3f5c-4f55-a0f4-2b8d6a3c9e11")
+_AUTH_NAMESPACE = uuid.UUID("3c8d2a51-7e0f-4b6a-9d14-5a2e8f61c7b3")
+
+
+def pending_id_for(created_event_id: str) -> str:
+    """The synthetic ``authorization.pending`` of a held referral (stable on replay)."""
+    return str(uuid.uuid5(_AUTH_NAMESPACE, created_event_id))
+
+
+def routing_item(event_id: str, code: str, referral_id: str, state: str) -> NewItem:
+    """The worklist item for a routing exception of one event."""
+    return NewItem(
+        key=str(uuid.uuid5(uuid.UUID(event_id), code)),
+        reason=code,
+        referral_id=referral_id,
+        state=state,
+        detail=_ROUTING_DETAIL.get(code, ""),
+    )
+
+
+_ROUTING_DETAIL = {
+    "no_specialist": "no specialist in the directory for this referral: name one, or add "
+    "one to the directory (see `refloop messages show`)",
+    "no_in_network_specialist": "no specialist in the directory takes the patient's plan "
+    "for this specialty: arrange an out-of-network referral or a new directory entry",
+    "declined_no_alternative": "the specialist declined and no other one in the directory "
+    "can take the referral: find another specialist",
+}
 
 
 def referral_id_for(created_event_id: str) -> str:
@@ -154,10 +202,14 @@ def _releases(waiting: Key, new: Key) -> bool:
 class _Batch:
     """Mutable planning state for one batch."""
 
-    def __init__(self, known: Known, now: datetime, route: Route | None) -> None:
+    def __init__(
+        self, known: Known, now: datetime, route: Route | None, needs_auth: NeedsAuth | None
+    ) -> None:
         self.now = now
         self.route = route
+        self.needs_auth = needs_auth
         self.deliveries: list[NewDelivery] = []
+        self.worklist: list[NewItem] = []
         self.index: dict[Key, frozenset[str]] = dict(known.index)
         self.referrals: dict[str, Referral] = dict(known.referrals)
         self.logged: dict[str, str] = dict(known.events)
@@ -183,11 +235,18 @@ class _Batch:
                 yield OpenReferral(r.id, patient, r.specialty or "", r.created_at)
 
 
-def plan(batch: Sequence[Inbound], known: Known, now: datetime, route: Route | None = None) -> Plan:
+def plan(
+    batch: Sequence[Inbound],
+    known: Known,
+    now: datetime,
+    route: Route | None = None,
+    *,
+    needs_auth: NeedsAuth | None = None,
+) -> Plan:
     """Decide what the batch does (see the module docstring)."""
     ids = {i.message_id for i in batch}
     known = replace(known, parked=[(m, k) for m, k in known.parked if m not in ids])
-    state = _Batch(known, now, route)
+    state = _Batch(known, now, route, needs_auth)
     handled = 0
     for item in batch:
         handled += 1
@@ -201,6 +260,7 @@ def plan(batch: Sequence[Inbound], known: Known, now: datetime, route: Route | N
         keys=state.keys,
         unpark=state.unpark,
         deliveries=state.deliveries,
+        worklist=state.worklist,
     )
     reports = tuple(state.reports[i.message_id] for i in batch[:handled])
     return Plan(changes, reports, handled)
@@ -234,6 +294,7 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
     methods: list[str] = []
     deliveries: list[NewDelivery] = []
     unrouted: list[Diagnostic] = []
+    items: list[NewItem] = []
     parked_reason: str | None = None
     offered = {id(ev): keys_of(ev) for ev in r.events}  # asked for several times below
     for ev in sorted(r.events, key=lambda e: e.ordinal):
@@ -265,35 +326,69 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
         else:
             parked_reason = _why_parked(ev, match.method, match.candidates)
             break
+        current = staged.get(rid) or b.referrals.get(rid)
         values = dict(ev.fields)
         if ev.type is Event.REFERRAL_CREATED and item.source and "source" not in values:
             values["source"] = item.source  # where write-back goes: the referral's origin
+        if ev.type is Event.REFERRAL_DECLINED and current is not None:
+            tried = _tried_after_decline(current)
+            if tried:
+                values[TRIED_FIELD] = tried
         fields_json = canonical_json(values)
         logged = LoggedEvent(ev.type, json.loads(fields_json), when, b.now, confidence)
-        current = staged.get(rid) or b.referrals.get(rid)
         projection, step = fold(current, rid, logged)
         if projection is not None:
             staged[rid] = projection
-        rows.append(
-            EventRow(
-                id=eid,
-                referral_id=rid,
-                sequence=step.sequence,
-                type=ev.type,
-                occurred_at=when,
-                recorded_at=b.now,
-                message_id=mid,
-                mapping_id=r.mapping_id,
-                mapping_digest=r.mapping_digest,
-                rule_id=ev.rule_id,
-                correlation_method=method,
-                confidence=confidence,
-                state_before=step.state_before,
-                state_after=step.state_after,
-                anomaly=step.anomaly,
-                fields=fields_json,
-            )
+
+        base = EventRow(
+            id=eid,
+            referral_id=rid,
+            sequence=step.sequence,
+            type=ev.type,
+            occurred_at=when,
+            recorded_at=b.now,
+            message_id=mid,
+            mapping_id=r.mapping_id,
+            mapping_digest=r.mapping_digest,
+            rule_id=ev.rule_id,
+            correlation_method=method,
+            confidence=confidence,
+            state_before=step.state_before,
+            state_after=step.state_after,
+            anomaly=step.anomaly,
+            fields=fields_json,
         )
+        rows.append(base)
+        # (row, logged event) of what this event applies, routed below with the referral
+        # as it stands after all of them.
+        applied: list[tuple[EventRow, LoggedEvent]] = [(rows[-1], logged)]
+        held = (
+            _held(b.needs_auth, projection)
+            if ev.type is Event.REFERRAL_CREATED and step.state_before is None and not step.anomaly
+            else None
+        )
+        if held is not None and projection is not None:
+            text = canonical_json({"authorization.status": "pending"})
+            pending = LoggedEvent(
+                Event.AUTHORIZATION_PENDING, json.loads(text), when, b.now, confidence
+            )
+            projection, hold = fold(projection, rid, pending)
+            assert projection is not None  # a referral exists: fold keeps it
+            staged[rid] = projection
+            rows.append(
+                replace(
+                    base,
+                    id=pending_id_for(eid),
+                    type=Event.AUTHORIZATION_PENDING,
+                    sequence=hold.sequence,
+                    rule_id=f"auth:{held}",
+                    state_before=hold.state_before,
+                    state_after=hold.state_after,
+                    anomaly=hold.anomaly,
+                    fields=text,
+                )
+            )
+            applied.append((rows[-1], pending))
         for key in offered[id(ev)]:
             owners = b.index.get(key, frozenset()) | staged_index.get(key, frozenset())
             if rid not in owners:
@@ -304,9 +399,13 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
         if step.anomaly:
             anomalies.append(step.anomaly)
         elif b.route is not None and projection is not None:
-            routed, reasons = b.route(_trigger(rows[-1], logged, step, projection, item.source))
-            deliveries += [_delivery(rid, eid, d) for d in routed]
-            unrouted += [Diagnostic("unrouted", why, severity="warning") for why in reasons]
+            for row, event_logged in applied:
+                trigger = _trigger(row, event_logged, step, projection, item.source)
+                routed, reasons = b.route(trigger)
+                deliveries += [_delivery(rid, row.id, d) for d in routed]
+                unrouted += [Diagnostic("unrouted", why, severity="warning") for why in reasons]
+                codes = dict.fromkeys(c for c in map(unrouted_code, reasons) if c)
+                items += [routing_item(row.id, c, rid, projection.state.value) for c in codes]
 
     rule = r.rule_id or next((e.rule_id for e in r.events if e.rule_id), "")
     diagnostics = tuple(d.as_dict() for d in r.diagnostics)
@@ -337,6 +436,7 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
     b.events.extend(rows)
     b.keys.extend(keys)
     b.deliveries.extend(deliveries)
+    b.worklist.extend(items)
     diagnostics += tuple(d.as_dict() for d in unrouted)
     for key, ids in staged_index.items():
         b.index[key] = b.index.get(key, frozenset()) | ids
@@ -378,6 +478,23 @@ def _trigger(
         source=str(projection.data.get("referral", {}).get("source") or ""),
         message_source=source,
     )
+
+
+def _held(needs_auth: NeedsAuth | None, referral: Referral | None) -> str | None:
+    if needs_auth is None or referral is None:
+        return None
+    return needs_auth(referral)
+
+
+def _tried_after_decline(referral: Referral) -> list[str]:
+    """The directory ids that have declined, with the one the packet went to last."""
+    data = referral.data.get("referral", {})
+    listed = data.get(TRIED_FIELD)
+    tried = [str(x) for x in listed] if isinstance(listed, list) else []
+    last = data.get("delivery.recipient")
+    if isinstance(last, str) and last and last not in tried:
+        tried.append(last)
+    return tried
 
 
 def view_of(r: Referral) -> ReferralView:

@@ -152,7 +152,10 @@ def test_no_specialist_is_unrouted_with_a_reason(
 ) -> None:
     routed = network.route(trigger(specialty=specialty, recipient=recipient))
     assert routed.deliveries == ()
-    assert routed.unrouted == (Unrouted("packet", reason),)
+    # The worklist code rides at the end of the reason (the pipeline reads it there).
+    assert routed.unrouted == (
+        Unrouted("packet", f"{reason} [no_specialist]", code="no_specialist"),
+    )
     for value in ("Doe", "Jane", "MRN4242", "1970", "1666666668", "Example"):
         assert value not in reason
 
@@ -344,7 +347,9 @@ def test_the_shipped_set_validates_and_sends_nothing() -> None:
         (),
         (
             Unrouted(
-                "packet_to_specialist", "no specialist in the directory for specialty cardiology"
+                "packet_to_specialist",
+                "no specialist in the directory for specialty cardiology [no_specialist]",
+                code="no_specialist",
             ),
         ),
     )
@@ -362,8 +367,18 @@ def test_the_shipped_set_validates_and_sends_nothing() -> None:
     ):
         routed = shipped.route(trigger(event, before=State.SCHEDULED, source="default"))
         assert routed.deliveries == ()
+        # A decline looks for the next specialist too: the shipped directory has none.
+        alternative = (
+            [
+                "no other specialist in the directory for specialty cardiology: every "
+                "candidate declined or was tried [declined_no_alternative]"
+            ]
+            if event is Event.REFERRAL_DECLINED
+            else []
+        )
         assert [u.reason for u in routed.unrouted] == [
-            "write-back for source 'default' is disabled"
+            *alternative,
+            "write-back for source 'default' is disabled",
         ]
 
 
