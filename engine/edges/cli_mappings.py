@@ -14,6 +14,8 @@ from engine.outbound.packets.registry import FORMATS
 from engine.outbound.routing import Outbound, OutboundError, load_outbound
 from engine.outbound.schema import SCHEMAS as OUTBOUND_SCHEMAS
 from engine.outbound.schema import render as render_outbound
+from engine.policy.cases import policy_case_files, run_policy_cases
+from engine.policy.language import Policy, PolicyError, load_policy
 from engine.policy.schema import SCHEMAS as POLICY_SCHEMAS
 from engine.policy.schema import render as render_policy
 
@@ -47,6 +49,20 @@ def _load_outbound(directory: Path) -> Outbound:
         ) from None
 
 
+def _load_policy(directory: Path, outbound: Outbound) -> Policy:
+    """The referral policy (policies/*.yaml); its notify steps must name known routes."""
+    try:
+        return load_policy(directory, known_routes=[r.id for r in outbound.routes])
+    except PolicyError as exc:
+        for line in exc.errors:
+            file, _, rest = line.partition(": ")
+            click.echo(f"{file}: error: {rest}" if rest else line, err=True)
+        n = len(exc.errors)
+        raise click.ClickException(
+            f"{n} error{'s' if n != 1 else ''} in {directory} (policies); nothing was loaded"
+        ) from None
+
+
 @click.group("mappings")
 def mappings() -> None:
     """Validate and test the YAML mappings (no database needed)."""
@@ -61,13 +77,15 @@ def check(directory: Path) -> None:
     """
     mapset = _load(directory)
     outbound = _load_outbound(directory)
+    policy = _load_policy(directory, outbound)
     overlays = ", ".join(sorted(mapset.overlays)) or "none"
     tables = sum(len(v) for v in mapset.valuesets.values())
     click.echo(
         f"ok: {len(mapset.mappings)} mappings, {tables} value sets, overlays: {overlays} "
         f"(digest {mapset.digest}); outbound: {len(outbound.routes)} routes, "
         f"{len(outbound.directory.specialists)} specialists, {len(outbound.writeback)} write-back "
-        f"sources (digest {outbound.digest})"
+        f"sources (digest {outbound.digest}); policy: {len(policy.windows)} windows, "
+        f"{len(policy.ladders)} ladders (digest {policy.digest})"
     )
 
 
@@ -77,19 +95,31 @@ def check(directory: Path) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="List passing cases too.")
 @click.option("--coverage", is_flag=True, help="List rules no case exercises.")
 def test(directory: Path, name_filter: str, verbose: bool, coverage: bool) -> None:
-    """Run the fixtures (*.cases.yaml) under DIRECTORY against its mappings."""
+    """Run the fixtures (*.cases.yaml) under DIRECTORY against its mappings, and the
+    policy's (policies/tests/*.cases.yaml) against its policy."""
     mapset = _load(directory)
     run = run_cases(mapset, case_files(directory), name_filter=name_filter)
     for result in run.results:
         if verbose or not result.ok:
             click.echo(result.report())
+    policy_results = []
+    policy_files = policy_case_files(directory)
+    if policy_files:
+        policy = _load_policy(directory, _load_outbound(directory))
+        for path in policy_files:
+            for case in run_policy_cases(path, policy):
+                if name_filter and name_filter not in case.name:
+                    continue
+                policy_results.append(case)
+                if verbose or not case.ok:
+                    click.echo(case.report())
     if coverage:
         for mapping in mapset.mappings:
             unfired = [r.id for r in mapping.rules if r.id not in run.fired.get(mapping.id, set())]
             if unfired:
                 click.echo(f"coverage: {mapping.id}: no case exercises {', '.join(unfired)}")
-    failed = len(run.failed)
-    total = len(run.results)
+    failed = len(run.failed) + sum(1 for c in policy_results if not c.ok)
+    total = len(run.results) + len(policy_results)
     click.echo(f"{total - failed} passed, {failed} failed")
     if failed or not total:
         sys.exit(1)

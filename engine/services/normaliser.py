@@ -345,9 +345,7 @@ class Processor:
             waiting = el.parked(fresh) if fresh else []
             if waiting:
                 planned = plan(live, replace(known, parked=waiting), now, route)
-            changes = with_policy(
-                el, self._policy(), planned.changes, now, stored=known.referrals
-            )
+            changes = with_policy(el, self._policy(), planned.changes, now, stored=known.referrals)
             el.write(changes, now)
             el.commit()
         except BaseException:

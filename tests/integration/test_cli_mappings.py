@@ -269,3 +269,56 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
     assert "Usage:" in result.stdout
     for command in ("check", "test", "schema"):
         assert f"  {command} " in result.stdout
+
+
+POLICY = """\
+schema: referral-policy/v1
+windows:
+  - id: unscheduled
+    states: [sent, accepted]
+    within: 14d
+    reason: not_scheduled_in_14d
+"""
+
+POLICY_CASES = """\
+schema: referral-policy-cases/v1
+cases:
+  - name: sent and never booked
+    start: 2026-03-02T09:00:00-05:00
+    steps:
+      - {at: +0h, event: referral.created, fields: {specialty: cardiology}}
+      - at: +1h
+        event: referral.sent
+        expect:
+          set: [{rule: unscheduled, kind: window, due: +WANT}]
+"""
+
+
+def test_check_and_test_cover_the_referral_policy(tmp_path: Path) -> None:
+    root = good_set(tmp_path / "maps")
+    write(
+        root,
+        {
+            "policies/p.yaml": POLICY,
+            "policies/tests/p.cases.yaml": POLICY_CASES.replace("WANT", "14d1h"),
+        },
+    )
+    result = refloop("check", str(root), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "policy: 1 windows, 0 ladders" in result.stdout
+    passed = refloop("test", str(root), "-v", cwd=tmp_path)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "sent and never booked" in passed.stdout
+
+    write(root, {"policies/tests/p.cases.yaml": POLICY_CASES.replace("WANT", "13d")})
+    failed = refloop("test", str(root), cwd=tmp_path)
+    assert failed.returncode == 1
+    assert "FAIL" in failed.stdout
+    assert "-want +13d" in failed.stdout
+
+    write(root, {"policies/p.yaml": POLICY.replace("14d", "two weeks")})
+    broken = refloop("check", str(root), cwd=tmp_path)
+    assert broken.returncode == 1
+    assert f"{root / 'policies' / 'p.yaml'}:5:13: error: within must be a duration" in (
+        broken.stderr
+    )
