@@ -237,3 +237,51 @@ def test_two_engines_on_one_postgres_never_fire_the_same_timer_twice(pg_upgraded
     finally:
         engine_a.dispose()
         engine_b.dispose()
+
+
+def add(engine: Engine, rid: str, kind: Event, at: datetime, **fields: object) -> None:
+    log = LogConnection(engine)
+    try:
+        eid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rid}/{kind}/{at.isoformat()}"))
+        record(log, rid, [NewEvent(eid, kind, fields, at)], at, policy=POLICY)
+    finally:
+        log.close()
+
+
+def test_events_that_are_exceptions_raise_worklist_items_and_resolve_when_moot(engine):
+    normalise(engine, [orm("T3-O", "PT3")], CREATED)
+    rid = referral_id(engine, "PT3")
+    send(engine, rid, SENT)
+    add(
+        engine,
+        rid,
+        Event.DELIVERY_FAILED,
+        SENT + timedelta(hours=1),
+        **{"delivery.kind": "writeback", "delivery.channel": "ehr", "delivery.error": "HTTP 400"},
+    )
+    add(engine, rid, Event.APPOINTMENT_BOOKED, SENT + timedelta(days=2), appointment_id="A1")
+    add(engine, rid, Event.APPOINTMENT_NO_SHOW, SENT + timedelta(days=9))
+    assert items(engine, rid) == [
+        ("delivery_dead_lettered", "open", None),
+        ("no_show", "open", None),
+    ]
+    with engine.connect() as conn:
+        detail = conn.execute(
+            select(worklist_items.c.detail).where(
+                worklist_items.c.reason == "delivery_dead_lettered"
+            )
+        ).scalar_one()
+    assert detail == "writeback on channel ehr dead-lettered: HTTP 400"
+    # The no-show ladder starts at once (re-engagement, a notice to the referrer).
+    assert "no_show_reengagement" in {r for r, _, _ in pending(engine, rid)}
+
+    # Rebooked: the no-show is no longer an exception; a dead letter stays until handled.
+    add(engine, rid, Event.APPOINTMENT_BOOKED, SENT + timedelta(days=10), appointment_id="A2")
+    assert items(engine, rid) == [
+        ("delivery_dead_lettered", "open", None),
+        ("no_show", "resolved", "refloop"),
+    ]
+    assert "no_show_reengagement" not in {r for r, _, _ in pending(engine, rid)}
+    # Recording the same event again (a retry) raises nothing twice.
+    add(engine, rid, Event.APPOINTMENT_NO_SHOW, SENT + timedelta(days=9))
+    assert len(items(engine, rid)) == 2
