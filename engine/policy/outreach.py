@@ -48,11 +48,9 @@ media refloop cannot send, or their channel is not configured), ``no_contact`` (
 phone or e-mail). When several media fail, the most telling reason is reported, in
 that order of precedence.
 
-:class:`Templates` loads ``<dir>/<template>.<language>.<sms|email>.j2`` (Jinja2 in a
-sandbox, undefined names are errors) and renders them with a minimal context — see
-:data:`CONTEXT_NAMES`. An e-mail template's first line is ``Subject: …``, then a blank
-line, then the body. Every load and render problem reads ``file:line: message``. A text
-renders to at most :data:`SMS_LIMIT` characters and must carry the opt-out words.
+The templates themselves (loading, checking, rendering) live with the renderers in
+:mod:`engine.outbound.packets.outreach`; planning only asks a :class:`TemplateLookup`
+whether one exists, so this module stays free of Jinja and of files.
 """
 
 from __future__ import annotations
@@ -61,61 +59,34 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
-from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import jinja2
-from jinja2.sandbox import SandboxedEnvironment
-
 from engine.domain.projection import Referral
-from engine.domain.referral import State
 from engine.policy.timers import Effect
 
 __all__ = [
-    "CONTEXT_NAMES",
     "MEDIA",
     "SKIP_REASONS",
-    "SMS_LIMIT",
     "Contact",
     "Defer",
-    "Message",
     "OutreachSettings",
     "Plan",
     "Preferences",
     "Send",
     "Skip",
-    "TemplateError",
-    "Templates",
+    "TemplateLookup",
     "language_candidates",
-    "message_context",
     "normalise_phone",
     "plan_outreach",
+    "quiet_until",
+    "zone_of",
 ]
 
 #: What refloop can send patients, and the packet format of each.
 MEDIA: Mapping[str, str] = {"sms": "outreach.sms", "email": "outreach.email"}
 #: Most telling first: what a coordinator must know about a patient not reached.
 SKIP_REASONS = ("disabled", "opted_out", "no_consent", "no_template", "no_channel", "no_contact")
-#: Two concatenated GSM-7 segments' worth, give or take: a reminder, not a letter.
-SMS_LIMIT = 320
-#: Words an SMS must contain, by language, for the patient to know how to stop them.
-OPT_OUT_WORDS: Mapping[str, str] = {"en": "STOP", "es": "ALTO"}
-#: Names a template may use; every one is always defined ("" when unknown).
-CONTEXT_NAMES = (
-    "first_name",
-    "specialty",
-    "specialist_name",
-    "specialist_phone",
-    "appointment_at",
-    "sender",
-)
-
-_FILE = re.compile(
-    r"^(?P<template>[a-z0-9][a-z0-9_.\-]*?)\.(?P<language>[a-z]{2,3}(?:-[a-z0-9]{2,8})?)"
-    r"\.(?P<medium>sms|email)\.j2$"
-)
 _TIME = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
 _DIGITS = re.compile(r"\D")
 
@@ -340,7 +311,7 @@ def plan_outreach(
             tried.append((medium, "no_template"))
             continue
         language, fallback = chosen
-        until = quiet_until(now, _zone(contact.timezone, settings), settings)
+        until = quiet_until(now, zone_of(contact.timezone, settings.default_timezone), settings)
         if until is not None:
             return Defer(until, medium)
         return Send(
@@ -394,8 +365,9 @@ def _template(
     return None
 
 
-def _zone(name: str | None, settings: OutreachSettings) -> tzinfo:
-    for candidate in (name, settings.default_timezone):
+def zone_of(name: str | None, default: str) -> tzinfo:
+    """The patient's zone (an IANA name), else ``default``, else UTC."""
+    for candidate in (name, default):
         if candidate:
             try:
                 return ZoneInfo(candidate)
@@ -432,256 +404,3 @@ def _local(day: date, clock: time, zone: tzinfo) -> datetime:
     if back.replace(tzinfo=None) != moment.replace(tzinfo=None):
         return back  # inside a gap: zoneinfo reads it with the old offset, i.e. later
     return moment
-
-
-# ---- templates -----------------------------------------------------------------------------
-
-
-class TemplateError(Exception):
-    """Templates did not load or render; ``errors`` are ``file:line: message``."""
-
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors) or "templates did not load")
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    body: str
-    subject: str = ""  # e-mail only
-
-
-#: A context with every name set, long and accented, to check templates at load time.
-_SAMPLE: Mapping[str, str] = {
-    "first_name": "Maximiliano",
-    "specialty": "gastroenterology",
-    "specialist_name": "Northside Gastroenterology Associates",
-    "specialist_phone": "+1 (555) 010-0199",
-    "appointment_at": "miércoles, 24 de septiembre, 10:30 a. m.",
-    "sender": "your care team",
-}
-
-
-class Templates:
-    """The outreach templates of one folder, compiled; :meth:`load` checks them all."""
-
-    def __init__(self, directory: Path, compiled: Mapping[tuple[str, str, str], Any]) -> None:
-        self.directory = directory
-        self._compiled = dict(compiled)
-
-    @classmethod
-    def empty(cls) -> Templates:
-        return cls(Path("."), {})
-
-    @classmethod
-    def load(cls, directory: Path, *, check: bool = True) -> Templates:
-        """Compile every ``<template>.<language>.<sms|email>.j2`` of ``directory``;
-        raises :class:`TemplateError` with every problem (bad names, syntax, undefined
-        names, a text too long or without its opt-out words)."""
-        if not directory.is_dir():
-            raise TemplateError([f"{directory}:1: no such templates directory"])
-        env = _environment(directory)
-        compiled: dict[tuple[str, str, str], Any] = {}
-        errors: list[str] = []
-        for path in sorted(directory.iterdir()):
-            if not path.is_file() or path.name.startswith(".") or path.name.endswith(".md"):
-                continue
-            found = _FILE.match(path.name)
-            if found is None:
-                errors.append(
-                    f"{path}:1: a template is named <template>.<language>.<sms|email>.j2 "
-                    "(like schedule_reminder.es.sms.j2)"
-                )
-                continue
-            try:
-                template = env.get_template(path.name)
-            except jinja2.TemplateSyntaxError as exc:
-                errors.append(f"{path}:{exc.lineno}: {exc.message}")
-                continue
-            except UnicodeDecodeError as exc:
-                errors.append(f"{path}:1: not UTF-8 text (byte {exc.start})")
-                continue
-            key = (found["template"], found["language"], found["medium"])
-            compiled[key] = template
-        out = cls(directory, compiled)
-        if check:
-            for name, language, medium in sorted(compiled):
-                try:
-                    out.render(name, language, medium, _SAMPLE)
-                except TemplateError as exc:
-                    errors.extend(exc.errors)
-        if errors:
-            raise TemplateError(errors)
-        return out
-
-    def has(self, template: str, language: str, medium: str) -> bool:
-        return (template, language, medium) in self._compiled
-
-    def names(self) -> frozenset[str]:
-        return frozenset(t for t, _, _ in self._compiled)
-
-    def languages(self, template: str, medium: str) -> list[str]:
-        return sorted(lang for t, lang, m in self._compiled if t == template and m == medium)
-
-    def render(
-        self, template: str, language: str, medium: str, context: Mapping[str, str]
-    ) -> Message:
-        """The message; :class:`TemplateError` (``file:line: message``) when it does not
-        render, is too long for a text, or a text lacks its opt-out words."""
-        compiled = self._compiled.get((template, language, medium))
-        where = self.directory / f"{template}.{language}.{medium}.j2"
-        if compiled is None:
-            raise TemplateError([f"{where}:1: no such template"])
-        values = {name: str(context.get(name) or "") for name in CONTEXT_NAMES}
-        try:
-            text = compiled.render(values)
-        except jinja2.TemplateError as exc:
-            line = _line_of(exc.__traceback__, compiled.filename)
-            message = exc.message if isinstance(exc.message, str) else type(exc).__name__
-            raise TemplateError([f"{where}:{line}: {message}"]) from None
-        if medium == "email":
-            return _email_message(where, text)
-        body = " ".join(text.split())
-        if len(body) > SMS_LIMIT:
-            raise TemplateError(
-                [f"{where}:1: a text renders to {len(body)} characters; keep it under {SMS_LIMIT}"]
-            )
-        word = OPT_OUT_WORDS.get(language.split("-", 1)[0], "STOP")
-        if word not in body:
-            raise TemplateError([f"{where}:1: a text must tell how to opt out ({word!r})"])
-        return Message(body)
-
-
-def _environment(directory: Path) -> SandboxedEnvironment:
-    return SandboxedEnvironment(
-        loader=jinja2.FileSystemLoader(str(directory)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,  # plain text: SMS and a text/plain e-mail body
-        keep_trailing_newline=False,
-        auto_reload=False,
-    )
-
-
-def _email_message(where: Path, text: str) -> Message:
-    head, _, rest = text.lstrip("\n").partition("\n")
-    if not head.lower().startswith("subject:"):
-        raise TemplateError([f"{where}:1: an e-mail template starts with a `Subject: …` line"])
-    subject = " ".join(head[len("subject:") :].split())
-    if not subject:
-        raise TemplateError([f"{where}:1: the subject is empty"])
-    body = rest.lstrip("\n").rstrip() + "\n"
-    if not body.strip():
-        raise TemplateError([f"{where}:2: the e-mail has no body after its subject line"])
-    return Message(body, subject)
-
-
-def _line_of(tb: TracebackType | None, filename: str | None) -> int:
-    """The template line a render error was raised at (Jinja rewrites the traceback so
-    the template's frames carry its file name and line)."""
-    line = 1
-    while tb is not None:
-        if filename and tb.tb_frame.f_code.co_filename == filename:
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line
-
-
-# ---- what a template sees ------------------------------------------------------------------
-
-_WEEKDAYS = {
-    "en": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
-    "es": ("lunes", "martes", "miércoles", "jueves", "viernes", "sábado", "domingo"),
-}
-_MONTHS = {
-    "en": (
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ),
-    "es": (
-        "enero",
-        "febrero",
-        "marzo",
-        "abril",
-        "mayo",
-        "junio",
-        "julio",
-        "agosto",
-        "septiembre",
-        "octubre",
-        "noviembre",
-        "diciembre",
-    ),
-}
-
-
-def format_appointment(moment: datetime, zone: tzinfo, language: str) -> str:
-    """The appointment's wall time where the patient lives, in their language."""
-    local = moment.astimezone(zone)
-    lang = language.split("-", 1)[0]
-    hour12 = local.hour % 12 or 12
-    if lang == "es":
-        suffix = "a. m." if local.hour < 12 else "p. m."
-        return (
-            f"{_WEEKDAYS['es'][local.weekday()]} {local.day} de "
-            f"{_MONTHS['es'][local.month - 1]}, {hour12}:{local.minute:02d} {suffix}"
-        )
-    if lang == "en":
-        suffix = "AM" if local.hour < 12 else "PM"
-        return (
-            f"{_WEEKDAYS['en'][local.weekday()]}, {_MONTHS['en'][local.month - 1]} "
-            f"{local.day}, {hour12}:{local.minute:02d} {suffix}"
-        )
-    return local.strftime("%Y-%m-%d %H:%M")
-
-
-def message_context(
-    data: Mapping[str, Mapping[str, Any]],
-    *,
-    language: str,
-    sender: str,
-    default_timezone: str = "America/New_York",
-    specialist_name: str = "",
-    specialist_phone: str = "",
-) -> dict[str, str]:
-    """The only data a template sees, from the referral's projection ``data``: the
-    patient's first name, the specialty, the specialist (the directory's name when
-    known), the appointment's time in the patient's zone, and who it is from."""
-    referral = Referral(
-        id="", state=State.CREATED, sequence=0, created_at=_EPOCH, updated_at=_EPOCH, data=data
-    )
-    contact = Contact.of(referral)
-    specialty = referral.specialty or ""
-    name = specialist_name or _text(referral.value("recipient.organization")) or ""
-    start = referral.data.get("appointment", {}).get("start")
-    when = ""
-    if isinstance(start, str):
-        try:
-            moment = datetime.fromisoformat(start)
-        except ValueError:
-            moment = None
-        if moment is not None:
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            zone = _zone(contact.timezone, OutreachSettings(default_timezone=default_timezone))
-            when = format_appointment(moment, zone, language)
-    return {
-        "first_name": contact.first_name or "",
-        "specialty": specialty.replace("_", " "),
-        "specialist_name": name,
-        "specialist_phone": specialist_phone,
-        "appointment_at": when,
-        "sender": sender,
-    }
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

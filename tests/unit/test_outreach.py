@@ -15,19 +15,16 @@ import pytest
 from engine.config import OutreachConfig
 from engine.domain.projection import Referral
 from engine.domain.referral import State
+from engine.outbound.packets.outreach import SMS_LIMIT, TemplateError, Templates, message_context
 from engine.policy.language import load_policy
 from engine.policy.outreach import (
-    SMS_LIMIT,
     Contact,
     Defer,
     OutreachSettings,
     Preferences,
     Send,
     Skip,
-    TemplateError,
-    Templates,
     language_candidates,
-    message_context,
     normalise_phone,
     plan_outreach,
     quiet_until,

@@ -14,9 +14,16 @@ def renderers() -> Mapping[str, Renderer]:
     import engine.outbound.packets.event_json as event_json
     import engine.outbound.packets.fhir as fhir
     import engine.outbound.packets.hl7v2 as hl7v2
+    import engine.outbound.packets.outreach as outreach
 
     out: dict[str, Renderer] = {}
-    for table in (hl7v2.RENDERERS, fhir.RENDERERS, document.RENDERERS, event_json.RENDERERS):
+    for table in (
+        hl7v2.RENDERERS,
+        fhir.RENDERERS,
+        document.RENDERERS,
+        event_json.RENDERERS,
+        outreach.RENDERERS,
+    ):
         out.update(table)
     return out
 
@@ -34,5 +41,7 @@ FORMATS = frozenset(
         "document.pdf",
         "document.html",
         "json.event",
+        "outreach.sms",
+        "outreach.email",
     }
 )
