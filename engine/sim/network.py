@@ -77,6 +77,8 @@ class Behaviour:
 
     # -- patients: the visit ------------------------------------------------------------
     no_show: float = 0.12
+    #: ... and after a reminder before the visit (an outreach delivered while booked).
+    reminded_no_show: float = 0.07
     #: Cancel the booked appointment (somewhere between booking and visit).
     cancel: float = 0.07
     #: After a no-show or a cancellation, rebook unprompted with this probability.

@@ -20,6 +20,7 @@ HL7 messages (or, for a reply, a ``patient.replied`` event through
 * a packet delivered → the specialist has the referral; the patient books after their
   own delay, or never (:class:`~engine.sim.network.Behaviour`);
 * an outreach delivered → a chance to book within a couple of days (and to reply);
+  before a booked visit, a smaller chance of not coming;
 * a notice to the referrer (escalation, no-show) → a smaller, slower chance to book;
 * a note request to the specialist → a chance the note comes back within days.
 
@@ -153,6 +154,7 @@ class _Case:
     note_token: int = 0
     appointments: int = 0
     start: datetime | None = None
+    reminded: bool = False  # an outreach reached them while booked
     messages: int = 0
     replies: int = 0
     referral_id: str = ""
@@ -382,6 +384,8 @@ class Run:
             delay = lognormal_days(case.base, b.booking_days, b.booking_spread)
             if not never:
                 self._book_at(case, self.now + delay)
+        elif kind == "outreach" and case.phase == "booked":
+            case.reminded = True
         elif kind == "outreach" and case.phase == "waiting":
             if case.nudge.random() < b.outreach_response:
                 self._book_at(case, self.now + case.nudge.uniform(0, b.nudge_days) * _DAY)
@@ -438,6 +442,7 @@ class Run:
                 return []
             case.booking = None
             case.phase = "booked"
+            case.reminded = False
             case.appointments += 1
             lead = lognormal_days(case.base, o.specialist.lead_days, b.lead_spread)
             visit = self._grid(now + max(lead, timedelta(hours=2)))
@@ -456,7 +461,7 @@ class Run:
             return [messages.cancelled(self._control(case), o.placer, p, appt, start, now)]
         if action.kind == "visit":
             assert start is not None
-            if case.base.random() < b.no_show:
+            if case.base.random() < (b.reminded_no_show if case.reminded else b.no_show):
                 self._waiting_again(case)
                 return [messages.no_show(self._control(case), o.placer, p, appt, start, now)]
             case.phase = "visited"
