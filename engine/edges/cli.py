@@ -177,6 +177,7 @@ def _check_channels(config: Config) -> list[str]:
 def _check_mappings(config: Config) -> tuple[str | None, list[str]]:
     from engine.mapping.mapset import MappingSetError
     from engine.outbound.routing import OutboundError
+    from engine.policy.authorization import AuthorizationError, load_authorization
     from engine.policy.language import PolicyError
     from engine.services.mappings import (
         OverlayError,
@@ -190,8 +191,10 @@ def _check_mappings(config: Config) -> tuple[str | None, list[str]]:
         digest = load_checked(root, config.overlays()).digest
         outbound = load_outbound_checked(config.outbound_dir(), config.channels.keys())
         load_policy_checked(root, outbound, enabled=config.policy.enabled)
+        if config.policy.enabled:
+            load_authorization(root)
         return digest, []
-    except PolicyError as exc:
+    except (PolicyError, AuthorizationError) as exc:
         return None, [
             f"{config.source}: mappings.dir: {root}: the referral policy did not load:"
         ] + [f"  {e}" for e in exc.errors]

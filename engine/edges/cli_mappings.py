@@ -14,6 +14,7 @@ from engine.outbound.packets.registry import FORMATS
 from engine.outbound.routing import Outbound, OutboundError, load_outbound
 from engine.outbound.schema import SCHEMAS as OUTBOUND_SCHEMAS
 from engine.outbound.schema import render as render_outbound
+from engine.policy.authorization import AuthorizationError, load_authorization
 from engine.policy.cases import policy_case_files, run_policy_cases
 from engine.policy.language import Policy, PolicyError, load_policy
 from engine.policy.schema import SCHEMAS as POLICY_SCHEMAS
@@ -50,10 +51,13 @@ def _load_outbound(directory: Path) -> Outbound:
 
 
 def _load_policy(directory: Path, outbound: Outbound) -> Policy:
-    """The referral policy (policies/*.yaml); its notify steps must name known routes."""
+    """The referral policy (policies/*.yaml, its notify steps naming known routes) and
+    the pre-authorization table (policies/authorization.yaml)."""
     try:
-        return load_policy(directory, known_routes=[r.id for r in outbound.routes])
-    except PolicyError as exc:
+        policy = load_policy(directory, known_routes=[r.id for r in outbound.routes])
+        load_authorization(directory)
+        return policy
+    except (PolicyError, AuthorizationError) as exc:
         for line in exc.errors:
             file, _, rest = line.partition(": ")
             click.echo(f"{file}: error: {rest}" if rest else line, err=True)

@@ -22,6 +22,7 @@ from engine.logs import get_logger
 from engine.mapping.mapset import MappingSetError
 from engine.metrics import REFERRAL_CORE_FAMILIES, Metrics, select_families
 from engine.outbound.routing import OutboundError
+from engine.policy.authorization import AuthorizationError
 from engine.policy.language import PolicyError
 from engine.services.dispatcher import Dispatcher
 from engine.services.mappings import MappingHolder, OverlayError
@@ -103,7 +104,7 @@ def load_mappings(config: Config, metrics: Metrics) -> MappingHolder:
             config.outbound_dir(),
             policy_enabled=config.policy.enabled,
         )
-    except PolicyError as exc:
+    except (PolicyError, AuthorizationError) as exc:
         lines = "\n".join(f"  {e}" for e in exc.errors)
         raise StartupError(f"the referral policy in {root} did not load:\n{lines}") from None
     except OutboundError as exc:

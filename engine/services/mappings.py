@@ -19,12 +19,15 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.domain.projection import Referral
 from engine.logs import get_logger
 from engine.mapping.mapset import MappingSet, MappingSetError, load_mapping_set
 from engine.metrics import Metrics
 from engine.outbound.model import DeliveryRequest, Trigger
 from engine.outbound.packets.registry import FORMATS
 from engine.outbound.routing import Outbound, OutboundError, load_outbound
+from engine.policy.authorization import EMPTY as NO_AUTHORIZATION
+from engine.policy.authorization import AuthorizationError, load_authorization
 from engine.policy.language import Policy, PolicyError, load_policy
 from engine.services.pipeline import Route
 
@@ -139,6 +142,7 @@ class MappingHolder:
         self._router = router_of(self.outbound, self.channels)
         self.policy_enabled = policy_enabled
         self.policy = load_policy_checked(root, self.outbound, enabled=policy_enabled)
+        self.authorization = load_authorization(root) if policy_enabled else NO_AUTHORIZATION
         self._seen = self._fingerprint()
 
     @classmethod
@@ -175,6 +179,11 @@ class MappingHolder:
     def router(self) -> Route | None:
         return self._router
 
+    def needs_auth(self, referral: Referral) -> str | None:
+        """The pre-authorization rule that holds this new referral, if any (the pipeline's
+        gate: such a referral waits in auth_pending and no packet leaves)."""
+        return self.authorization.requires(referral)
+
     def check(self) -> Reload | None:
         """Reload if any file changed since the last look; None when nothing did."""
         seen = self._fingerprint()
@@ -188,10 +197,21 @@ class MappingHolder:
             fresh = load_checked(self.root, self.overlays)
             outbound = load_outbound_checked(self.outbound_root, self.channels)
             policy = load_policy_checked(self.root, outbound, enabled=self.policy_enabled)
-        except (MappingSetError, OverlayError, OutboundError, PolicyError) as exc:
+            authorization = (
+                load_authorization(self.root) if self.policy_enabled else NO_AUTHORIZATION
+            )
+        except (
+            MappingSetError,
+            OverlayError,
+            OutboundError,
+            PolicyError,
+            AuthorizationError,
+        ) as exc:
             errors = (
                 tuple(str(e) for e in exc.errors)
-                if isinstance(exc, MappingSetError | OutboundError | PolicyError)
+                if isinstance(
+                    exc, MappingSetError | OutboundError | PolicyError | AuthorizationError
+                )
                 else tuple(str(exc).splitlines())
             )
             self.metrics.mapping_reloads.labels("error").inc()
@@ -206,12 +226,14 @@ class MappingHolder:
             fresh.digest == self.current.digest
             and outbound.digest == self.outbound.digest
             and policy.digest == self.policy.digest
+            and authorization.digest == self.authorization.digest
         ):
             return Reload("unchanged", fresh.digest)
         before = self.current.digest
         self.current = fresh
         self.outbound = outbound
         self.policy = policy
+        self.authorization = authorization
         self._router = router_of(outbound, self.channels)
         self.metrics.mapping_reloads.labels("ok").inc()
         log.info("mappings.reloaded", root=str(self.root), before=before, digest=fresh.digest)

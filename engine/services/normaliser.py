@@ -58,6 +58,7 @@ from engine.services.mappings import NO_POLICY, MappingHolder
 from engine.services.pipeline import (
     Inbound,
     Known,
+    NeedsAuth,
     Report,
     Route,
     keys_of,
@@ -197,8 +198,10 @@ class Processor:
         share_cpu: bool = False,
         router: Callable[[], Route | None] | None = None,
         policy: Callable[[], Policy] | None = None,
+        needs_auth: NeedsAuth | None = None,
     ) -> None:
         self._engine = engine
+        self._needs_auth = needs_auth
         self._policy = policy or (lambda: NO_POLICY)
         self._mapping_set = mapping_set
         self._router = router or (lambda: None)
@@ -320,7 +323,7 @@ class Processor:
                 events=el.known_events(ids) if ids else {},
             )
             route = self._router()
-            planned = plan(live, known, now, route)
+            planned = plan(live, known, now, route, needs_auth=self._needs_auth)
             # Two lookups only when the first plan shows they matter (then plan again
             # from scratch: planning is cheap, and rare here):
             # - open referrals of patients whose message parked with the clues the
@@ -340,11 +343,13 @@ class Processor:
             )
             if extra:
                 known = replace(known, referrals={**referrals, **{r.id: r for r in extra}})
-                planned = plan(live, known, now, route)
+                planned = plan(live, known, now, route, needs_auth=self._needs_auth)
             fresh = {k.value for k, _ in planned.changes.keys}
             waiting = el.parked(fresh) if fresh else []
             if waiting:
-                planned = plan(live, replace(known, parked=waiting), now, route)
+                planned = plan(
+                    live, replace(known, parked=waiting), now, route, needs_auth=self._needs_auth
+                )
             changes = with_policy(el, self._policy(), planned.changes, now, stored=known.referrals)
             el.write(changes, now)
             el.commit()
@@ -508,6 +513,7 @@ class NormaliserWorker:
             share_cpu=share_cpu,
             router=mappings.router,
             policy=lambda: self.mappings.policy,
+            needs_auth=mappings.needs_auth,
         )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="refloop-normaliser")
         self._loop: asyncio.AbstractEventLoop | None = None
