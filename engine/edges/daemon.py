@@ -290,6 +290,7 @@ class Daemon:
             batch=self.config.policy.batch,
             poll_seconds=self.config.policy.poll_seconds,
             on_commit=self._wake_dispatcher,
+            kpi_seconds=self.config.policy.kpi_seconds,
         )
 
     def _wake_dispatcher(self) -> None:

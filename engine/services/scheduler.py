@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from engine.services.policy_runtime import (
     with_policy,
 )
 from engine.store.eventlog import Changes, EventLog, LogConnection
+from engine.store.kpis import store_kpis
 from engine.store.outbox import NewDelivery
 from engine.store.worklist import ENGINE_ACTOR, NewItem
 
@@ -108,6 +110,7 @@ class Scheduler:
         batch: int = 200,
         poll_seconds: float = 5.0,
         on_commit: Callable[[], None] | None = None,
+        kpi_seconds: float = 300.0,
     ) -> None:
         self.policy = policy
         self.outbound = outbound
@@ -122,7 +125,10 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
-        self._extra: list[Callable[[], None]] = [self.refresh_gauges]
+        self.kpi_seconds = kpi_seconds
+        self._engine = engine
+        self._next_kpis = 0.0
+        self._extra: list[Callable[[], None]] = [self.refresh_gauges, self._kpis_due]
         self._reasons: set[str] = set()
 
     # -- the work ------------------------------------------------------------------------
@@ -328,6 +334,22 @@ class Scheduler:
     def _count(self, channel: str, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.outreach.labels(channel, outcome).inc()
+
+    def refresh_kpis(self, now: datetime | None = None) -> None:
+        """The referral KPI gauges, computed from the event log (a full read: they run
+        every ``kpi_seconds``, not every tick)."""
+        if self.metrics is None:
+            return
+        kpis = store_kpis(self._engine, now or self.clock())
+        self.metrics.loop_closure.set(kpis.loop_closure_rate)
+        self.metrics.open_30d.set(kpis.open_at_30_days_rate)
+        for q, days in kpis.days_to_close.items():
+            self.metrics.days_to_close.labels(f"{q:g}").set(days)
+
+    def _kpis_due(self) -> None:
+        if time.monotonic() >= self._next_kpis:
+            self._next_kpis = time.monotonic() + self.kpi_seconds
+            self.refresh_kpis()
 
     # -- the daemon's loop -----------------------------------------------------------------
 

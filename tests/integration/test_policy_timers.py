@@ -285,3 +285,29 @@ def test_events_that_are_exceptions_raise_worklist_items_and_resolve_when_moot(e
     # Recording the same event again (a retry) raises nothing twice.
     add(engine, rid, Event.APPOINTMENT_NO_SHOW, SENT + timedelta(days=9))
     assert len(items(engine, rid)) == 2
+
+
+def test_the_scheduler_sets_worklist_and_kpi_gauges_from_the_store(engine):
+    from engine.metrics import Metrics
+    from tests.loop_messages import loop
+
+    metrics = Metrics()
+    normalise(engine, loop("PT4"), CREATED)  # closed by its consult note
+    normalise(engine, [orm("T5-O", "PT5", mrn="200002")], CREATED)  # never sent
+    sched = Scheduler(engine, policy=lambda: POLICY, outbound=lambda: EMPTY, metrics=metrics)
+    try:
+        sched.tick(CREATED + timedelta(days=2))  # PT5's "unsent" window is missed
+        sched.refresh_gauges(CREATED + timedelta(days=2))
+        sched.refresh_kpis(CREATED + timedelta(days=40))
+    finally:
+        sched.close()
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("refloop_worklist_open", reason="referral_not_sent") == 1
+    assert sample("refloop_escalations_total", kind="escalate") == 1
+    assert sample("refloop_timers_due") == 0
+    assert sample("refloop_loop_closure_ratio") == 0.5
+    assert sample("refloop_open_referrals_30d_ratio") == 0.5
+    assert sample("refloop_days_to_close", quantile="0.5") is not None
