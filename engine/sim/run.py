@@ -253,6 +253,7 @@ class Run:
 
     def run(self) -> Kpis:
         end = self.network.end
+        last: datetime | None = None
         while True:
             candidates = [end]
             if self._queue:
@@ -260,10 +261,14 @@ class Run:
             due = self._next_timer()
             if due is not None:
                 candidates.append(self._grid(due))
-            self.now = max(min(candidates), self.now)
-            if self.now >= end and (not self._queue or self._queue[0].at > end):
-                break
+            target = max(min(candidates), self.now)
+            if last is not None and target <= last:
+                # Something stayed due through a whole moment (a timer the scheduler
+                # could not fire): move on rather than spin.
+                target = last + self.resolution
+            self.now = min(target, end)
             self._moment()
+            last = self.now
             if self.now >= end:
                 break
         return store_kpis(self.engine, end)

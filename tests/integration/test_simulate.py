@@ -9,13 +9,17 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from engine.edges.cli import main
+from engine.services.mappings import NO_POLICY
 from engine.sim import messages
 from engine.sim.compare import KPI_KEYS, load_setup, package_mappings, simulate
+from engine.sim.network import build
+from engine.sim.run import Run, outbound_for, run
 from engine.store.kpis import store_kpis
-from engine.store.schema import referral_events
+from engine.store.schema import deliveries, referral_events
+from engine.store.schema import messages as messages_table
 from tests.normalising import drain, open_, processor, store
 
 
@@ -178,3 +182,43 @@ def test_store_kpis_reads_the_log(database_url: str, upgraded_url: str) -> None:
         assert (early.closed, early.mature) == (0, 0)
     finally:
         engine.dispose()
+
+
+def _counts(sim: Run) -> dict[str, Any]:
+    by_type = select(referral_events.c.type, func.count()).group_by(referral_events.c.type)
+    by_route = select(deliveries.c.route_id, func.count()).group_by(deliveries.c.route_id)
+    with sim.engine.connect() as conn:
+        events = {str(t): int(n) for t, n in conn.execute(by_type)}
+        routes = {str(r): int(n) for r, n in conn.execute(by_route)}
+        statuses = set(conn.execute(select(messages_table.c.status)).scalars())
+    return {"events": events, "routes": routes, "statuses": statuses}
+
+
+def test_the_runs_go_through_the_engine_and_only_the_policy_run_nudges() -> None:
+    setup = load_setup(package_mappings())
+    network = build(30, 45, seed=6)
+    outbound = outbound_for(network, setup.outbound)
+    seen: dict[str, dict[str, Any]] = {}
+    for name, policy in (("with", setup.policy), ("without", NO_POLICY)):
+        run(
+            network,
+            setup.mapping_set,
+            outbound,
+            policy,
+            on_run=lambda s, n=name: seen.update({n: _counts(s)}),
+        )
+    w, wo = seen["with"], seen["without"]
+    for side in (w, wo):
+        # Every message the peers sent was normalised; every packet went out and the
+        # referrals were sent by the dispatcher's recorded outcome.
+        assert side["statuses"] == {"processed"}
+        assert side["events"]["referral.created"] == 30
+        assert side["events"]["referral.sent"] == 30
+        assert side["routes"]["packet_to_specialist"] == 30
+        assert side["events"]["consult_note.received"] > 0
+    assert w["events"].get("outreach.planned", 0) > 0
+    assert w["events"].get("referral.escalated", 0) > 0
+    assert any(r.startswith("policy:") for r in w["routes"])
+    assert "outreach.planned" not in wo["events"]
+    assert "referral.escalated" not in wo["events"]
+    assert not any(r.startswith("policy:") or r == "note_request" for r in wo["routes"])
