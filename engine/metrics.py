@@ -280,7 +280,9 @@ class Metrics:
             registry=r,
         )
         self.open_30d = Gauge(
-            OPEN_30D, "Referrals at least 30 days old that are still open", registry=r
+            OPEN_30D,
+            "Referrals at least 30 days old that were still open 30 days after they were created",
+            registry=r,
         )
         self.days_to_close = Gauge(
             DAYS_TO_CLOSE,
