@@ -63,6 +63,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.domain.projection import Referral
+from engine.policy.language import Policy
 from engine.policy.timers import Effect
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "Skip",
     "TemplateLookup",
     "language_candidates",
+    "missing_templates",
     "normalise_phone",
     "plan_outreach",
     "quiet_until",
@@ -404,3 +406,25 @@ def _local(day: date, clock: time, zone: tzinfo) -> datetime:
     if back.replace(tzinfo=None) != moment.replace(tzinfo=None):
         return back  # inside a gap: zoneinfo reads it with the old offset, i.e. later
     return moment
+
+
+def missing_templates(
+    policy: Policy, templates: TemplateLookup, settings: OutreachSettings
+) -> list[str]:
+    """Every outreach step whose template has no version in the default language for a
+    medium it prefers (and refloop can send): ``file:line:column: …`` at the step, for
+    ``refloop config check`` and startup. Other languages may be missing: they fall back."""
+    out: list[str] = []
+    language = settings.default_language.lower()
+    for ladder in policy.ladders:
+        for step in ladder.steps:
+            if step.do != "outreach":
+                continue
+            media = [m for m in (step.prefer or ("sms", "email")) if m in MEDIA]
+            for medium in dict.fromkeys(media):
+                if not templates.has(step.template, language, medium):
+                    out.append(
+                        f"{step.where}: outreach template {step.template!r} has no "
+                        f"{language} {medium} version ({step.template}.{language}.{medium}.j2)"
+                    )
+    return out

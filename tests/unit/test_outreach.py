@@ -25,6 +25,7 @@ from engine.policy.outreach import (
     Send,
     Skip,
     language_candidates,
+    missing_templates,
     normalise_phone,
     plan_outreach,
     quiet_until,
@@ -439,3 +440,13 @@ def test_template_problems_are_file_line_errors(tmp_path: Path) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(TemplateError, match="no such templates directory"):
         Templates.load(tmp_path / "nope")
+
+
+def test_missing_templates_name_the_step() -> None:
+    policy = load_policy(MAPPINGS)
+    assert missing_templates(policy, shipped(), SETTINGS) == []
+    only_sms = Lookup(*((t, "en", "sms") for t in shipped().names()))
+    problems = missing_templates(policy, only_sms, SETTINGS)
+    assert problems
+    assert all(": outreach template " in p and "en email version" in p for p in problems)
+    assert problems[0].startswith(f"{MAPPINGS}/policies/default.yaml:")
