@@ -1,21 +1,41 @@
-"""``refloop referrals list|show|rebuild`` and ``refloop messages replay|parked``."""
+"""``refloop referrals list|show|rebuild``, the actions by hand on one referral, and
+``refloop messages replay|parked``.
+
+Actions by hand (``authorize``, ``deny-auth``, ``close``, ``cancel``) each append one
+event with the actor (``--by``) through :func:`engine.services.policy_runtime.record`:
+one transaction holding the event log's writer turn, with the referral policy's timers
+and worklist items, and routed by the same routes the daemon loads
+(:func:`engine.services.mappings.load_outbound_checked`) — so ``authorize`` releases the
+packet a held referral waits for, in the same transaction, and ``cancel`` tells the
+source. Whether the action fits the referral's state is decided first
+(:func:`refusal`), so a mistaken action exits non-zero saying what to do instead rather
+than leaving an anomaly on the timeline. The event id is a UUID 5 of the referral, the
+action and the referral's sequence as read: a double-click (or a retry after a lost
+answer) reads the same sequence and appends nothing twice, or finds the state already
+moved and says so.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy import Engine
 
 from engine.config import Config
-from engine.domain.referral import State
+from engine.domain.referral import TERMINAL, Event, State
 from engine.edges.cli_common import config_option, load, open_checked, parse_since
 from engine.services.pipeline import Report
+
+if TYPE_CHECKING:
+    from engine.services.policy_runtime import NewEvent
 
 _STATES = click.Choice([s.value for s in State])
 
@@ -223,6 +243,231 @@ def referrals_rebuild(config_file: Path | None) -> None:
 
 def _no_mappings() -> Any:
     raise AssertionError("rebuilding folds the event log; it never normalises")
+
+
+# -- actions by hand ---------------------------------------------------------------------
+
+_ACTION_NAMESPACE = uuid.UUID("b2e6f0d4-8a1c-4f37-9e25-6c0d3a7b1f58")
+#: Each action: the event it appends, and the states it may be taken from.
+ACTIONS: dict[str, tuple[Event, frozenset[State]]] = {
+    "authorize": (Event.AUTHORIZATION_APPROVED, frozenset({State.AUTH_PENDING})),
+    "deny-auth": (Event.AUTHORIZATION_DENIED, frozenset({State.AUTH_PENDING, State.CREATED})),
+    "close": (Event.REFERRAL_CLOSED_BY_HAND, frozenset(s for s in State if s not in TERMINAL)),
+    "cancel": (
+        Event.REFERRAL_CANCELLED,
+        frozenset(s for s in State if s not in TERMINAL and s is not State.NOTE_RECEIVED),
+    ),
+}
+
+
+def action_id(referral_id: str, action: str, sequence: int) -> str:
+    return str(uuid.uuid5(_ACTION_NAMESPACE, f"{referral_id}/{action}/{sequence}"))
+
+
+def refusal(action: str, state: State) -> str | None:
+    """Why ``action`` does not fit a referral in ``state`` (None: it does)."""
+    _, allowed = ACTIONS[action]
+    if state in allowed:
+        return None
+    if state in TERMINAL:
+        return f"the referral is already {state}: nothing to {action.replace('-', ' ')}"
+    if action == "authorize":
+        return (
+            f"the referral is {state}, not auth_pending: it is not waiting for an "
+            "authorization (nothing to release)"
+        )
+    if action == "deny-auth":
+        return (
+            f"the referral is {state}: its packet has gone, a denial no longer holds it; "
+            "cancel it (refloop referrals cancel) if the payer will not cover it"
+        )
+    # cancel once the consult note is back: the loop is done, close it instead
+    return f"the referral is {state}: the consult note is back; close it instead"
+
+
+def hand_event(
+    action: str,
+    referral_id: str,
+    sequence: int,
+    actor: str,
+    now: datetime,
+    *,
+    number: str | None = None,
+    payer: str | None = None,
+    reason: str | None = None,
+) -> NewEvent:
+    """The event an action appends (pure)."""
+    from engine.services.policy_runtime import NewEvent
+
+    kind, _ = ACTIONS[action]
+    fields: dict[str, Any] = {"actor": actor}
+    if action == "authorize":
+        fields["authorization.status"] = "approved"
+        if number:
+            fields["authorization.identifier"] = {"value": number, "namespace": payer or ""}
+        if payer:
+            fields["authorization.payer"] = payer
+    elif action == "deny-auth":
+        fields["authorization.status"] = "denied"
+    elif action == "cancel":
+        fields["status"] = "cancelled"
+    if reason:
+        fields["status_reason"] = reason
+    return NewEvent(
+        id=action_id(referral_id, action, sequence),
+        type=kind,
+        fields=fields,
+        occurred_at=now,
+        rule_id=f"hand:{action}",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Acted:
+    referral_id: str
+    state_before: State
+    state_after: State
+    appended: bool  # False: the same action on the same sequence was already recorded
+    deliveries: tuple[str, ...]  # route ids of the deliveries it queued
+
+
+class ActionRefused(click.ClickException):
+    """The action does not fit the referral (unknown, wrong state); exit 1."""
+
+
+def act(
+    engine: Engine,
+    config: Config,
+    ref: str,
+    action: str,
+    actor: str,
+    now: datetime,
+    **options: str | None,
+) -> Acted:
+    """Take ``action`` on the referral ``ref`` (id or placer order number)."""
+    from engine.outbound.model import DeliveryRequest, Trigger
+    from engine.services.mappings import load_outbound_checked, load_policy_checked, router_of
+    from engine.services.policy_runtime import UnknownReferral, record
+    from engine.store.eventlog import LogConnection
+    from engine.store.referrals import find_referrals
+
+    if not actor.strip():
+        raise click.UsageError("say who you are: --by NAME")
+    with engine.connect() as conn:
+        found = find_referrals(conn, ref)
+    if len(found) > 1:
+        raise ActionRefused(
+            f"placer order number {ref} belongs to {len(found)} referrals: name one by its id "
+            "(see `refloop referrals list`)"
+        )
+    if not found:
+        raise ActionRefused(
+            f"no referral with id or placer order number {ref} (see `refloop referrals list`)"
+        )
+    row = found[0]
+    state = State(row["state"])
+    why = refusal(action, state)
+    if why is not None:
+        raise ActionRefused(f"cannot {action} referral {row['id']}: {why}")
+    route, policy = _routing(config, load_outbound_checked, load_policy_checked, router_of)
+    queued: list[DeliveryRequest] = []
+
+    def counted(trigger: Trigger) -> tuple[Sequence[DeliveryRequest], Sequence[str]]:
+        assert route is not None
+        deliveries, reasons = route(trigger)
+        queued.extend(deliveries)
+        return deliveries, reasons
+
+    event = hand_event(action, row["id"], int(row["last_sequence"]), actor.strip(), now, **options)
+    log = LogConnection(engine)
+    try:
+        rows = record(
+            log,
+            row["id"],
+            [event],
+            now,
+            policy=policy,
+            route=counted if route is not None else None,
+        )
+    except UnknownReferral as exc:
+        raise ActionRefused(str(exc)) from None
+    finally:
+        log.close()
+    after = rows[-1].state_after if rows else None
+    return Acted(
+        row["id"],
+        state,
+        after or state,
+        bool(rows),
+        tuple(d.route_id for d in queued),
+    )
+
+
+def _routing(config: Config, load_outbound: Any, load_policy: Any, router_of: Any) -> Any:
+    """The daemon's router and policy for this config; a set with errors is refused."""
+    from engine.outbound.routing import OutboundError
+    from engine.policy.language import PolicyError
+
+    channels = list(config.channels)
+    try:
+        outbound = load_outbound(config.outbound_dir(), channels)
+        policy = load_policy(config.mappings_dir(), outbound, enabled=config.policy.enabled)
+    except (OutboundError, PolicyError) as exc:
+        lines = "\n".join(f"  {e}" for e in exc.errors)
+        raise click.ClickException(
+            f"the outbound routes or the referral policy did not load, fix them first:\n{lines}"
+        ) from None
+    return router_of(outbound, channels), policy
+
+
+def _action_command(action: str, summary: str) -> Any:
+    def command(
+        ref: str,
+        config_file: Path | None,
+        actor: str,
+        reason: str | None = None,
+        number: str | None = None,
+        payer: str | None = None,
+    ) -> None:
+        options: dict[str, str | None] = (
+            {"number": number, "payer": payer} if action == "authorize" else {"reason": reason}
+        )
+        config = load(config_file)
+        engine = open_checked(config)
+        try:
+            done = act(engine, config, ref, action, actor, datetime.now(UTC), **options)
+        finally:
+            engine.dispose()
+        if not done.appended:
+            click.echo(f"referral {done.referral_id}: already recorded, nothing appended")
+            return
+        line = f"referral {done.referral_id}: {done.state_before} -> {done.state_after}"
+        if done.deliveries:
+            line += f"; queued {len(done.deliveries)} delivery(ies): {', '.join(done.deliveries)}"
+        click.echo(line)
+
+    command.__doc__ = summary
+    cmd: Any = command
+    if action == "authorize":
+        cmd = click.option("--payer", default=None, help="The payer that authorized it.")(cmd)
+        cmd = click.option("--number", default=None, help="The authorization number.")(cmd)
+    else:
+        cmd = click.option("--reason", default=None, help="Why (kept on the timeline).")(cmd)
+    cmd = click.option(
+        "--by", "actor", required=True, help="Who is acting (recorded on the timeline)."
+    )(cmd)
+    cmd = config_option(cmd)
+    cmd = click.argument("ref")(cmd)
+    return referrals.command(action)(cmd)
+
+
+_action_command(
+    "authorize",
+    "Record the payer's approval of a held referral (auth_pending): its packet goes out.",
+)
+_action_command("deny-auth", "Record the payer's denial: the referral stays held, on the worklist.")
+_action_command("close", "Close an open referral by hand (referral.closed_by_hand).")
+_action_command("cancel", "Cancel an open referral by hand; the source is told.")
 
 
 # -- messages replay / parked ----------------------------------------------------------

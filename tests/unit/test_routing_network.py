@@ -3,6 +3,7 @@ nearest first, file order the tie-break; a decline goes to the next untried cand
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,7 @@ def write_network(root: Path, *, endpoint: str | None = None) -> Path:
     (root / "directory").mkdir(parents=True, exist_ok=True)
     directory = DIRECTORY
     if endpoint is not None:
-        for n in range(1, 6):
-            directory = directory.replace(f"127.0.0.1:{n}", endpoint)
+        directory = re.sub(r'"127\.0\.0\.1:\d"', f'"{endpoint}"', directory)
     (root / "outbound" / "routes.yaml").write_text(ROUTES, encoding="utf-8")
     (root / "directory" / "specialists.yaml").write_text(directory, encoding="utf-8")
     return root
