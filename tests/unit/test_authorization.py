@@ -260,13 +260,12 @@ def test_diagnosis_overlap(first: str, second: str, ambiguous: bool) -> None:
 
 
 def test_the_shipped_example_table_holds_what_its_readme_says() -> None:
-    """The example (mappings/policies/authorization.yaml, or its copy before it ships)."""
-    shipped = REPO / "mappings" / AUTHORIZATION_FILE
-    if not shipped.is_file():
-        pytest.skip("the example table is not in mappings/policies yet")
-    table = load_authorization(REPO / "mappings")
+    """policies/examples/authorization.yaml (policies/README.md "Pre-authorization")."""
+    path = REPO / "mappings" / "policies" / "examples" / "authorization.yaml"
+    table = compile_table(str(path), path.read_bytes())
     assert requires(table, ref()) == "hmo_orthopedics"
     assert requires(table, ref(plan="EXAMPLE-HMO-GOLD")) is None
+    assert requires(table, ref(payer=None, payer_id="HMO0001")) == "hmo_orthopedics_by_id"
     assert requires(table, ref(specialty="cardiology", diagnosis="R07.9")) == (
         "hmo_cardiology_imaging"
     )
