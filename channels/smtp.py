@@ -260,6 +260,10 @@ def build_message(envelope: Envelope, settings: SmtpSettings, *, now: datetime) 
     msg["Date"] = format_datetime(now)
     msg["Message-ID"] = message_id(envelope.idempotency_key, settings.from_address)
     msg["X-Refloop-Delivery"] = envelope.idempotency_key
+    if envelope.metadata.get("inline") == "true" and envelope.content_type.startswith("text/"):
+        # A message for a person (patient outreach): the payload is the body itself.
+        msg.set_content(envelope.payload.decode("utf-8"))
+        return msg
     msg.set_content(settings.body_text)
     mime, default_name = ATTACHMENTS.get(envelope.content_type, FALLBACK_ATTACHMENT)
     maintype, subtype = mime.split("/", 1)

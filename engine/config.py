@@ -371,6 +371,16 @@ class OutreachConfig(_Frozen):
     templates_dir: Path | None = None
     # Who patients are told the message is from (templates read it as `sender`).
     sender_name: str = Field(default="your care team", max_length=80)
+    # TCPA: a text needs the patient's recorded consent (patient.consent.sms: yes, or a
+    # START reply). true only when intake records consent for every number it sends.
+    sms_assume_consent: bool = False
+    # E-mail goes unless the patient refused it; true: only with recorded consent.
+    email_requires_consent: bool = False
+    # Inbound SMS replies (POST /sms/replies/<sms_channel>): the shared secret the gateway
+    # sends as the Basic-auth password or X-Refloop-Token, and/or — with the sms channel's
+    # auth_token — the public URL the gateway calls, for Twilio's X-Twilio-Signature.
+    reply_token: SecretRef | None = None
+    reply_public_url: str | None = None
 
     @field_validator("default_timezone")
     @classmethod

@@ -176,6 +176,7 @@ def _check_channels(config: Config) -> list[str]:
 
 def _check_mappings(config: Config) -> tuple[str | None, list[str]]:
     from engine.mapping.mapset import MappingSetError
+    from engine.outbound.packets.outreach import TemplateError
     from engine.outbound.routing import OutboundError
     from engine.policy.authorization import AuthorizationError, load_authorization
     from engine.policy.language import PolicyError
@@ -185,15 +186,19 @@ def _check_mappings(config: Config) -> tuple[str | None, list[str]]:
         load_outbound_checked,
         load_policy_checked,
     )
+    from engine.services.outreach_runtime import planner_for
 
     root = config.mappings_dir()
     try:
         digest = load_checked(root, config.overlays()).digest
         outbound = load_outbound_checked(config.outbound_dir(), config.channels.keys())
-        load_policy_checked(root, outbound, enabled=config.policy.enabled)
+        policy = load_policy_checked(root, outbound, enabled=config.policy.enabled)
         if config.policy.enabled:
             load_authorization(root)
+            planner_for(config, policy)
         return digest, []
+    except TemplateError as exc:
+        return None, [f"{config.source}: outreach templates:"] + [f"  {e}" for e in exc.errors]
     except (PolicyError, AuthorizationError) as exc:
         return None, [
             f"{config.source}: mappings.dir: {root}: the referral policy did not load:"

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -18,16 +18,20 @@ from engine.config import Config, ConfigError, ListenerConfig
 from engine.edges.http_app import build_app
 from engine.edges.mllp_listener import MllpListener
 from engine.edges.normaliser_process import NormaliserProcess
+from engine.edges.sms_replies import ReplyAuth, SmsReplies
 from engine.logs import get_logger
 from engine.mapping.mapset import MappingSetError
 from engine.metrics import REFERRAL_CORE_FAMILIES, Metrics, select_families
+from engine.outbound.packets.outreach import TemplateError
 from engine.outbound.routing import OutboundError
 from engine.policy.authorization import AuthorizationError
 from engine.policy.language import PolicyError
 from engine.services.dispatcher import Dispatcher
 from engine.services.mappings import MappingHolder, OverlayError
 from engine.services.normaliser import NormaliserWorker, sources_from
-from engine.services.scheduler import Scheduler
+from engine.services.outreach_runtime import ROUTE as OUTREACH_ROUTE
+from engine.services.outreach_runtime import planner_for, render_options
+from engine.services.scheduler import OutreachPlanner, Scheduler
 from engine.services.writer import GroupCommitWriter
 from engine.store.database import (
     SchemaError,
@@ -145,6 +149,7 @@ class Daemon:
         self.normaliser_process: NormaliserProcess | None = None  # separate-process mode
         self.dispatcher: Dispatcher | None = None
         self.scheduler: Scheduler | None = None
+        self.sms_replies: SmsReplies | None = None
         self.mappings: MappingHolder | None = None
         self.subscriptions: Any = None  # engine.services.subscriptions.SubscriptionManager
         self._reloader: asyncio.Task[None] | None = None
@@ -180,7 +185,7 @@ class Daemon:
                 lambda rid: holder.outbound.specialist(rid),
                 self.config.outbound,
                 self.metrics,
-                route_options=lambda route: holder.outbound.options(route),
+                route_options=self._route_options(holder),
                 render_processes=self.config.outbound.render_processes,
                 policy=lambda: holder.policy,
             )
@@ -279,13 +284,30 @@ class Daemon:
             log.info("daemon.reload_requested")
             self.normaliser_process.request_reload()
 
+    def _route_options(self, holder: MappingHolder) -> Callable[[str], Mapping[str, str]]:
+        """Renderer options by route: the analysts' routes, and outreach's templates."""
+        outreach = render_options(self.config)
+
+        def options(route: str) -> Mapping[str, str]:
+            return outreach if route == OUTREACH_ROUTE else holder.outbound.options(route)
+
+        return options
+
+    def _outreach_planner(self, holder: MappingHolder) -> OutreachPlanner | None:
+        """The outreach planner, or a StartupError naming every template problem."""
+        try:
+            return planner_for(self.config, holder.policy)
+        except TemplateError as exc:
+            lines = "\n".join(f"  {e}" for e in exc.errors)
+            raise StartupError(f"the outreach templates did not load:\n{lines}") from None
+
     def _build_scheduler(self, holder: MappingHolder) -> Scheduler:
         assert self.engine is not None
         return Scheduler(
             self.engine,
             policy=lambda: holder.policy,
             outbound=lambda: holder.outbound,
-            outreach=None,
+            outreach=self._outreach_planner(holder),
             metrics=self.metrics,
             batch=self.config.policy.batch,
             poll_seconds=self.config.policy.poll_seconds,
@@ -342,13 +364,44 @@ class Daemon:
             self.config, self.writer, self.metrics, self.engine, notify_routes=notify, auth=auth
         )
 
+    def _sms_reply_routes(self) -> list[Any]:
+        """POST /sms/replies/<channel> when the sms channel exists, the policy runs and the
+        gateway has a way to prove who it is (a token, or Twilio's signature)."""
+        name = self.config.outreach.sms_channel
+        settings = self.config.channels.get(name)
+        if not self.config.policy.enabled or settings is None or self.mappings is None:
+            return []
+        base = self.config.source.parent
+        out = self.config.outreach
+        token = out.reply_token.read(base) if out.reply_token is not None else None
+        twilio = None
+        if out.reply_public_url and getattr(settings, "auth_token", None) is not None:
+            with contextlib.suppress(Exception):
+                twilio = settings.auth_token.read(base)
+        if not token and not twilio:
+            log.warning("sms_replies.disabled", channel=name, why="no reply_token or signature")
+            return []
+        assert self.engine is not None
+        holder = self.mappings
+        self.sms_replies = SmsReplies(
+            self.engine,
+            policy=lambda: holder.policy,
+            channels={
+                name: ReplyAuth(
+                    token=token, twilio_auth_token=twilio, public_url=out.reply_public_url
+                )
+            },
+            on_commit=self._wake_dispatcher,
+        )
+        return list(self.sms_replies.routes())
+
     async def _start_http(self) -> asyncio.Task[None]:
         app = build_app(
             self.metrics,
             exposition=self.exposition,
             database_ok=self._database_ok,
             listeners_ok=lambda: [(x.cfg.name, x.serving) for x in self.listeners],
-            extra_routes=self._fhir_routes(),
+            extra_routes=[*self._fhir_routes(), *self._sms_reply_routes()],
         )
         cfg = uvicorn.Config(
             app,
@@ -420,6 +473,8 @@ class Daemon:
             self._reloader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reloader
+        if self.sms_replies is not None:
+            await asyncio.to_thread(self.sms_replies.close)
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.dispatcher is not None:

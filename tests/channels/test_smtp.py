@@ -24,6 +24,7 @@ from channels.base import (
     HL7V2,
     HTML,
     PDF,
+    TEXT,
     Channel,
     ChannelConfigError,
     ChannelContext,
@@ -478,3 +479,15 @@ def test_port_defaults_by_security(pki: Pki, security: str, port: int) -> None:
     raw = settings(pki, 0, security=security)
     del raw["port"]
     assert registry.validate(raw).port == port
+
+
+async def test_a_message_for_a_person_is_the_body_not_an_attachment(
+    channel: Channel, peer: SmtpPeer
+) -> None:
+    # Patient outreach: the rendered text is the e-mail, with the template's subject.
+    text = b"Hola: llame para su cita. Responda ALTO para no recibir mensajes."
+    await channel.send(envelope(text, TEXT, metadata={"subject": "Su referido", "inline": "true"}))
+    [got] = peer.wait_for(1)
+    assert got.message["Subject"] == "Su referido"
+    assert not got.message.is_multipart()
+    assert got.message.get_content().strip() == text.decode()
