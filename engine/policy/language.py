@@ -75,6 +75,7 @@ POLICIES_DIR = "policies"
 WINDOW_FAMILY = "window"
 YAML_SUFFIXES = (".yaml", ".yml")
 CASES_SUFFIX = ".cases.yaml"
+AUTHORIZATION_FILE = "authorization.yaml"  # the payer table: its own language
 
 TOP_KEYS = ("schema", "description", "windows", "ladders")
 SCOPE_KEYS = ("states", "specialty", "priority", "restart_on")
@@ -333,7 +334,8 @@ class _Loading:
 
 
 def policy_files(root: Path) -> list[Path]:
-    """The policy files of a mappings directory: ``policies/*.yaml`` (fixtures excluded)."""
+    """The policy files of a mappings directory: ``policies/*.yaml`` (fixtures and the
+    pre-authorization table, engine.policy.authorization, excluded)."""
     folder = root / POLICIES_DIR
     if not folder.is_dir():
         return []
@@ -344,6 +346,7 @@ def policy_files(root: Path) -> list[Path]:
         and not p.name.startswith(".")
         and p.suffix in YAML_SUFFIXES
         and not p.name.endswith(CASES_SUFFIX)
+        and p.name != AUTHORIZATION_FILE
     )
 
 

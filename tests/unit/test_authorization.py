@@ -260,8 +260,8 @@ def test_diagnosis_overlap(first: str, second: str, ambiguous: bool) -> None:
 
 
 def test_the_shipped_example_table_holds_what_its_readme_says() -> None:
-    """policies/examples/authorization.yaml (policies/README.md "Pre-authorization")."""
-    path = REPO / "mappings" / "policies" / "examples" / "authorization.yaml"
+    """policies/authorization.yaml (policies/README.md "Pre-authorization")."""
+    path = REPO / "mappings" / "policies" / "authorization.yaml"
     table = compile_table(str(path), path.read_bytes())
     assert requires(table, ref()) == "hmo_orthopedics"
     assert requires(table, ref(plan="EXAMPLE-HMO-GOLD")) is None
