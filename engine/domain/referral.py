@@ -145,6 +145,17 @@ def _forward(target: State, *, allowed_from: frozenset[State] | None = None) -> 
     return rule
 
 
+def _resend() -> _Rule:
+    forward = _forward(S.SENT)
+
+    def rule(state: State) -> Decision:
+        if state is S.DECLINED:
+            return Decision(S.SENT, changed=True)
+        return forward(state)
+
+    return rule
+
+
 def _stay() -> _Rule:
     def rule(state: State) -> Decision:
         if state in TERMINAL:
@@ -208,7 +219,9 @@ RULES: dict[Event, _Rule] = {
         {S.AUTH_PENDING: S.AUTH_PENDING, S.CREATED: S.AUTH_PENDING},
         "authorization denied for a referral that is already {state}",
     ),
-    Event.REFERRAL_SENT: _forward(S.SENT),
+    # A declined referral re-routed to the next specialist (routing's packet_after_decline)
+    # is sent again: the only way out of a terminal state, and only by a new packet.
+    Event.REFERRAL_SENT: _resend(),
     Event.REFERRAL_ACCEPTED: _forward(S.ACCEPTED),
     Event.REFERRAL_DECLINED: _forward(S.DECLINED, allowed_from=_DECLINABLE),
     Event.REFERRAL_CANCELLED: _forward(S.CANCELLED, allowed_from=_CANCELLABLE),
