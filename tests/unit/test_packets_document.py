@@ -346,3 +346,24 @@ def test_a_long_note_flows_onto_more_pages() -> None:
 def test_text_outside_latin1_is_transliterated(text: str, expected: str) -> None:
     assert latin1(text) == expected
     latin1(text).encode("latin-1")
+
+
+def test_a_note_request_notice_says_what_is_asked() -> None:
+    from dataclasses import replace
+
+    ctx = make_ctx()
+    notice = TriggerEvent(
+        "ev-9",
+        Event.REFERRAL_ESCALATED,
+        {"escalation.reason": "note_overdue", "escalation.notify": "specialist"},
+        NOW,
+        9,
+        State.COMPLETED,
+        State.COMPLETED,
+    )
+    page = layout(replace(ctx, event=notice))
+    assert page.title == "Consult note requested"
+    assert page.subject.startswith("Note request ")
+    assert page.sections[0].title == "Request"
+    assert "note overdue" in page.sections[0].text
+    assert layout(ctx).title == "Patient referral"

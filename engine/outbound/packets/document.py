@@ -35,6 +35,7 @@ from fpdf import FPDF
 from fpdf.enums import XPos, YPos
 from fpdf.fonts import FontFace
 
+from engine.domain.referral import Event
 from engine.outbound.model import PacketContext, Rendered, RenderError
 from engine.outbound.packets import Renderer
 from engine.outbound.packets.hl7source import diagnoses
@@ -213,12 +214,24 @@ def layout(ctx: PacketContext) -> Layout:
         ("Referral number", _identifier(referral_number)),
         ("Requested", _when(f.get("requested_at"))),
     )
+    # A policy notice (the note_request route): the same referral, asking for the note.
+    notice = ctx.event.type is Event.REFERRAL_ESCALATED
+    if notice:
+        why = _text(ctx.event.fields.get("escalation.reason")) or "overdue"
+        sections.insert(
+            0,
+            Section(
+                "Request",
+                text="The consult note for this referral has not been received "
+                f"({why.replace('_', ' ')}). Please send it back to the referring practice.",
+            ),
+        )
     return Layout(
         organisation=_text(f.get("requester.organization")) or ctx.sender.facility,
-        title="Patient referral",
+        title="Consult note requested" if notice else "Patient referral",
         numbers=numbers,
         sections=tuple(s for s in sections if s.rows or s.text),
-        subject=f"Referral {placer_number or short}",
+        subject=f"{'Note request' if notice else 'Referral'} {placer_number or short}",
         filename_stem=f"referral-{short}",
     )
 
