@@ -15,14 +15,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from engine.config import OutreachConfig
 from engine.domain.kpis import Kpis
 from engine.mapping.mapset import MappingSet, load_mapping_set
+from engine.outbound.packets.outreach import Templates
 from engine.outbound.packets.registry import FORMATS
 from engine.outbound.routing import Outbound, load_outbound
 from engine.policy.language import Policy, PolicyError, load_policy
+from engine.policy.outreach import OutreachSettings
 from engine.services.mappings import NO_POLICY
+from engine.services.outreach_runtime import planner
+from engine.services.scheduler import OutreachPlanner
 from engine.sim.network import Behaviour, build
-from engine.sim.run import outbound_for, run
+from engine.sim.run import CHANNELS, outbound_for, run
 
 __all__ = [
     "KPI_KEYS",
@@ -57,6 +62,7 @@ class Setup:
     mapping_set: MappingSet
     outbound: Outbound
     policy: Policy
+    outreach: OutreachPlanner | None = None  # the engine's planner, when templates load
 
 
 def load_setup(mappings_root: Path, policy_root: Path | None = None) -> Setup:
@@ -72,7 +78,13 @@ def load_setup(mappings_root: Path, policy_root: Path | None = None) -> Setup:
             [f"{policy_root}:1:1: no policies/ folder here (--policy takes a mappings directory)"]
         )
     policy = load_policy(root, known_routes=[r.id for r in outbound.routes])
-    return Setup(mapping_set, outbound, policy)
+    templates = root / "policies" / "templates"
+    if not templates.is_dir():
+        templates = mappings_root / "policies" / "templates"
+    # The simulator's channels are named like the [outreach] defaults (sms, email).
+    settings = OutreachSettings.of(OutreachConfig(), CHANNELS)
+    outreach = planner(settings, Templates.load(templates)) if templates.is_dir() else None
+    return Setup(mapping_set, outbound, policy, outreach)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,20 @@ def simulate(
     """Run the network with ``setup.policy`` and with none; the KPIs of both."""
     network = build(referrals, days, seed, behaviour)
     outbound = outbound_for(network, setup.outbound)
-    with_policy = run(network, setup.mapping_set, outbound, setup.policy, resolution=resolution)
-    without = run(network, setup.mapping_set, outbound, NO_POLICY, resolution=resolution)
+    with_policy = run(
+        network,
+        setup.mapping_set,
+        outbound,
+        setup.policy,
+        resolution=resolution,
+        outreach=setup.outreach,
+    )
+    without = run(
+        network,
+        setup.mapping_set,
+        outbound,
+        NO_POLICY,
+        resolution=resolution,
+        outreach=setup.outreach,
+    )
     return Comparison(with_policy, without)

@@ -65,13 +65,33 @@ def _join(*segments: str) -> bytes:
     return "\r".join(segments).encode()
 
 
+def _consent(set_id: int, topic: str, given: bool) -> str:
+    # CON-2 consent type (the consent_contact_topics value set), CON-11 status (0498).
+    return f"CON|{set_id}|{topic}^{topic} contact^L|||||||||{'A' if given else 'R'}"
+
+
 def order(
-    control: str, placer: str, patient: Patient, service: str, priority: str, at: datetime
+    control: str,
+    placer: str,
+    patient: Patient,
+    service: str,
+    priority: str,
+    at: datetime,
+    *,
+    sms_consent: bool = False,
+    email_consent: bool = False,
 ) -> bytes:
-    """ORM^O01 new referral order (ORC-1 NW); ``priority`` is table 0027 (R, S, A …)."""
+    """ORM^O01 new referral order (ORC-1 NW); ``priority`` is table 0027 (R, S, A …);
+    the patient's contact consent as CON segments, as a registration system records it."""
+    consents: list[str] = []
+    if patient.phone:
+        consents.append(_consent(len(consents) + 1, "SMS", sms_consent))
+    if patient.email:
+        consents.append(_consent(len(consents) + 1, "EMAIL", email_consent))
     return _join(
         _msh(control, "ORM^O01^ORM_O01", at, "SIM_EHR"),
         _pid(patient),
+        *consents,
         f"ORC|NW|{placer}^{AUTHORITY}|||||^^^^^{priority}||{hl7_time(at)}"
         "|||9999999991^REFERRER^SIM^^^^^^NPI",
         f"OBR|1|{placer}^{AUTHORITY}||{service}^Referral^L",

@@ -63,7 +63,7 @@ from engine.services.mappings import router_of
 from engine.services.normaliser import Processor, Source
 from engine.services.policy_runtime import NewEvent
 from engine.services.policy_runtime import record as record_events
-from engine.services.scheduler import OutreachDecision, Scheduler
+from engine.services.scheduler import OutreachDecision, OutreachPlanner, Scheduler
 from engine.sim import messages
 from engine.sim.network import Network, Order, lognormal_days
 from engine.store.database import open_engine, upgrade
@@ -172,6 +172,7 @@ class Run:
         folder: Path,
         *,
         resolution: timedelta = timedelta(hours=1),
+        outreach: OutreachPlanner | None = None,
     ) -> None:
         self.network = network
         self.policy = policy
@@ -196,7 +197,7 @@ class Run:
             self.engine,
             policy=lambda: policy,
             outbound=lambda: outbound,
-            outreach=self._outreach,
+            outreach=self._outreach if outreach is None else outreach,
             clock=self._clock,
         )
         self.replies = LogConnection(self.engine)
@@ -439,7 +440,14 @@ class Run:
         if action.kind == "order":
             return [
                 messages.order(
-                    self._control(case), o.placer, p, o.specialist.service, o.priority, now
+                    self._control(case),
+                    o.placer,
+                    p,
+                    o.specialist.service,
+                    o.priority,
+                    now,
+                    sms_consent=o.sms_consent,
+                    email_consent=o.email_consent,
                 )
             ]
         if action.kind == "book":
@@ -505,10 +513,21 @@ def run(
     *,
     resolution: timedelta = timedelta(hours=1),
     on_run: Callable[[Run], None] | None = None,
+    outreach: OutreachPlanner | None = None,
 ) -> Kpis:
-    """One run in a temporary folder (removed afterwards); the KPIs at the network's end."""
+    """One run in a temporary folder (removed afterwards); the KPIs at the network's end.
+    ``outreach``: the engine's planner (consent from the orders' CON segments, quiet
+    hours, templates); None: a simple one (first consented medium, never deferred)."""
     with tempfile.TemporaryDirectory(prefix="refloop-sim-") as folder:
-        sim = Run(network, mapping_set, outbound, policy, Path(folder), resolution=resolution)
+        sim = Run(
+            network,
+            mapping_set,
+            outbound,
+            policy,
+            Path(folder),
+            resolution=resolution,
+            outreach=outreach,
+        )
         try:
             kpis = sim.run()
             if on_run is not None:
