@@ -63,7 +63,7 @@ from typing import Any
 
 from engine.domain.correlation import Clues, Key, OpenReferral, correlate
 from engine.domain.events import CanonicalEvent, Diagnostic, Normalised, Outcome, event_id
-from engine.domain.projection import LoggedEvent, Referral, Step, fold
+from engine.domain.projection import LoggedEvent, Referral, fold
 from engine.domain.referral import TERMINAL, Event
 from engine.outbound.model import DeliveryRequest, ReferralView, Trigger, TriggerEvent
 from engine.outbound.routing import TRIED_FIELD, unrouted_code
@@ -400,9 +400,9 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
             anomalies.append(step.anomaly)
         elif b.route is not None and projection is not None:
             for row, event_logged in applied:
-                trigger = _trigger(row, event_logged, step, projection, item.source)
+                trigger = trigger_for(row, event_logged, projection, item.source)
                 routed, reasons = b.route(trigger)
-                deliveries += [_delivery(rid, row.id, d) for d in routed]
+                deliveries += [delivery_row(rid, row.id, d) for d in routed]
                 unrouted += [Diagnostic("unrouted", why, severity="warning") for why in reasons]
                 codes = dict.fromkeys(c for c in map(unrouted_code, reasons) if c)
                 items += [routing_item(row.id, c, rid, projection.state.value) for c in codes]
@@ -460,9 +460,9 @@ def _plan_message(b: _Batch, item: Inbound) -> bool:
     return bool(released)
 
 
-def _trigger(
-    row: EventRow, logged: LoggedEvent, step: Step, projection: Referral, source: str
-) -> Trigger:
+def trigger_for(row: EventRow, logged: LoggedEvent, projection: Referral, source: str) -> Trigger:
+    """What routing sees of an applied event: the event, the referral right after it,
+    the referral's origin and the listener ``source`` this event's message came on."""
     return Trigger(
         event=TriggerEvent(
             id=row.id,
@@ -501,7 +501,8 @@ def view_of(r: Referral) -> ReferralView:
     return ReferralView(r.id, r.state, r.created_at, r.updated_at, r.data)
 
 
-def _delivery(referral_id: str, event_id: str, d: DeliveryRequest) -> NewDelivery:
+def delivery_row(referral_id: str, event_id: str, d: DeliveryRequest) -> NewDelivery:
+    """The outbox row for a delivery routing decided on."""
     return NewDelivery(
         key=d.key,
         referral_id=referral_id,

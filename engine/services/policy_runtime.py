@@ -35,10 +35,10 @@ from typing import Any
 
 from engine.domain.projection import LoggedEvent, Referral, fold
 from engine.domain.referral import Event, State
-from engine.outbound.model import DeliveryRequest, Trigger, TriggerEvent
+from engine.outbound.model import DeliveryRequest, Trigger
 from engine.policy.language import Policy
 from engine.policy.timers import Timer, on_transition
-from engine.services.pipeline import canonical_json, view_of
+from engine.services.pipeline import canonical_json, delivery_row, trigger_for
 from engine.store.eventlog import Changes, EventLog, EventRow, LogConnection
 from engine.store.outbox import NewDelivery
 from engine.store.worklist import Moved, NewItem
@@ -48,11 +48,9 @@ __all__ = [
     "NewEvent",
     "UnknownReferral",
     "append",
-    "delivery_row",
     "item_key",
     "merge",
     "record",
-    "trigger_for",
     "with_policy",
 ]
 
@@ -140,8 +138,7 @@ def append(
         )
         rows.append(row)
         if route is not None and not step.anomaly:
-            source = str(current.data.get("referral", {}).get("source") or "")
-            trigger = trigger_for(row, logged, current, source)
+            trigger = trigger_for(row, logged, current, "")
             routed, _ = route(trigger)
             deliveries += [delivery_row(referral.id, ev.id, d) for d in routed]
     if not rows:
@@ -331,36 +328,3 @@ def _last_per_referral(referrals: Iterable[Referral]) -> list[Referral]:
         if r.id not in out or r.sequence >= out[r.id].sequence:
             out[r.id] = r
     return list(out.values())
-
-
-def trigger_for(row: EventRow, logged: LoggedEvent, referral: Referral, source: str) -> Trigger:
-    return Trigger(
-        event=TriggerEvent(
-            id=row.id,
-            type=row.type,
-            fields=logged.fields,
-            occurred_at=row.occurred_at,
-            sequence=row.sequence,
-            state_before=row.state_before,
-            state_after=row.state_after,
-            message_id=None,
-        ),
-        referral=view_of(referral),
-        source=source,
-    )
-
-
-def delivery_row(referral_id: str, event_id: str, d: DeliveryRequest) -> NewDelivery:
-    return NewDelivery(
-        key=d.key,
-        referral_id=referral_id,
-        event_id=event_id,
-        route_id=d.route_id,
-        kind=d.kind,
-        channel=d.channel,
-        format=d.format,
-        endpoint=d.endpoint,
-        recipient_id=d.recipient_id,
-        receiver_application=d.receiver.application,
-        receiver_facility=d.receiver.facility,
-    )

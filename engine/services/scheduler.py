@@ -46,13 +46,12 @@ from engine.metrics import Metrics
 from engine.outbound.routing import Outbound
 from engine.policy.language import Policy
 from engine.policy.timers import Effect, on_due
+from engine.services.pipeline import delivery_row, trigger_for
 from engine.services.policy_runtime import (
     NewEvent,
     append,
-    delivery_row,
     item_key,
     merge,
-    trigger_for,
     with_policy,
 )
 from engine.store.eventlog import Changes, EventLog, LogConnection
@@ -270,8 +269,7 @@ class Scheduler:
             return done, after  # fired before (a replay): its deliveries exist too
         row = done.events[0]
         logged = LoggedEvent(row.type, dict(event.fields), row.occurred_at, now, 1.0)
-        source = str(after.data.get("referral", {}).get("source") or "")
-        routed = self.outbound().route_named(effect.route, trigger_for(row, logged, after, source))
+        routed = self.outbound().route_named(effect.route, trigger_for(row, logged, after, ""))
         deliveries = [delivery_row(referral.id, row.id, d) for d in routed.deliveries]
         items = [
             NewItem(

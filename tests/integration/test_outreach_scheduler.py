@@ -1,9 +1,9 @@
 """Appointment reminders end to end through the real scheduler, outbox and renderer.
 
-The planner adapter below is the glue proposed to the lead (the scheduler's
-``OutreachPlanner``): preferences from the store, the contact from the projection, the
-pure :func:`plan_outreach`, and a ``Send`` turned into an outbox delivery whose trigger
-is the ``outreach.planned`` event the scheduler appends. Virtual time throughout.
+The planner is the daemon's (engine.services.outreach_runtime): preferences from the
+store, the contact from the projection, the pure plan, and a ``Send`` turned into an
+outbox delivery whose trigger is the ``outreach.planned`` event the scheduler appends.
+Virtual time throughout.
 """
 
 from __future__ import annotations
@@ -17,21 +17,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from engine.domain.projection import Referral
 from engine.domain.referral import Event
 from engine.outbound.model import Party
 from engine.outbound.packets.outreach import Templates, render_sms
 from engine.outbound.routing import EMPTY
 from engine.policy.language import load_policy
-from engine.policy.outreach import Contact, Defer, OutreachSettings, Skip, plan_outreach
-from engine.policy.timers import Effect
+from engine.policy.outreach import OutreachSettings
 from engine.services.dispatcher import DispatchStore
 from engine.services.normaliser import Processor, Source
+from engine.services.outreach_runtime import planner
 from engine.services.policy_runtime import NewEvent, record
-from engine.services.scheduler import OutreachDecision, OutreachPlanner, Scheduler
-from engine.store.eventlog import EventLog, LogConnection
-from engine.store.outbox import NewDelivery
-from engine.store.preferences import PreferenceQueries
+from engine.services.scheduler import Scheduler
+from engine.store.eventlog import LogConnection
 from engine.store.schema import deliveries, referral_events, referral_timers, worklist_items
 from tests.helpers import MAPPINGS
 from tests.loop_messages import orm
@@ -42,50 +39,6 @@ TEMPLATES_DIR = MAPPINGS / "policies" / "templates"
 TEMPLATES = Templates.load(TEMPLATES_DIR)
 T0 = datetime(2026, 11, 2, 14, 0, tzinfo=UTC)
 _NS = uuid.UUID("8f1c2a6e-3d4b-4e5f-9a0b-1c2d3e4f5a6b")
-
-
-def planner(settings: OutreachSettings, templates: Templates) -> OutreachPlanner:
-    """The adapter the report proposes for engine/services (the lead's file)."""
-
-    def plan(
-        el: EventLog, effect: Effect, referral: Referral, event_id: str, now: datetime
-    ) -> OutreachDecision:
-        key = referral.patient_key
-        prefs = PreferenceQueries(el.conn, "sqlite" if el.sqlite else "postgresql")
-        found = prefs.get([key]) if key else {}
-        contact = Contact.of(referral, found.get(key) if key else None)
-        decided = plan_outreach(effect, contact, settings, templates, now)
-        if isinstance(decided, Defer):
-            return OutreachDecision(defer_until=decided.until, channel=decided.medium)
-        if isinstance(decided, Skip):
-            return OutreachDecision(reason=decided.reason)
-        delivery = NewDelivery(
-            key=str(uuid.uuid5(_NS, f"{event_id}/outreach")),
-            referral_id=referral.id,
-            event_id=event_id,  # the outreach.planned event's id is the effect key
-            route_id="outreach",
-            kind="outreach",
-            channel=decided.channel,
-            format=decided.format,
-            endpoint=decided.endpoint,
-        )
-        notes: tuple[tuple[str, str], ...] = ()
-        if decided.fallback:
-            notes = (
-                (
-                    "template_language_fallback",
-                    f"template {decided.template} has no {decided.requested_language} "
-                    f"{decided.medium} version: sent in {decided.language}",
-                ),
-            )
-        return OutreachDecision(
-            delivery=delivery,
-            channel=decided.channel,
-            fields={"outreach.channel": decided.medium, "outreach.language": decided.language},
-            notes=notes,
-        )
-
-    return plan
 
 
 @pytest.fixture
