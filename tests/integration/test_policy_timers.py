@@ -311,3 +311,48 @@ def test_the_scheduler_sets_worklist_and_kpi_gauges_from_the_store(engine):
     assert sample("refloop_loop_closure_ratio") == 0.5
     assert sample("refloop_open_referrals_30d_ratio") == 0.5
     assert sample("refloop_days_to_close", quantile="0.5") is not None
+
+
+def test_booking_cancels_a_reminder_still_waiting_in_the_outbox(engine):
+    from engine.config import OutreachConfig
+    from engine.outbound.packets.outreach import Templates
+    from engine.policy.outreach import OutreachSettings
+    from engine.services.outreach_runtime import planner
+    from engine.store.schema import deliveries
+
+    normalise(engine, [orm("T6-O", "PT6")], CREATED)
+    rid = referral_id(engine, "PT6")
+    # A French-speaking patient with a mobile and SMS consent; no French templates ship.
+    contact = {
+        "patient.phone": "+15550100177",
+        "patient.consent.sms": "yes",
+        "patient.language": "fr",
+        "patient.timezone": "UTC",
+    }
+    add(engine, rid, Event.REFERRAL_UPDATED, SENT - timedelta(hours=1), **contact)
+    send(engine, rid, SENT)
+    settings = OutreachSettings.of(OutreachConfig(quiet_start="23:00", quiet_end="23:01"), ["sms"])
+    sched = Scheduler(
+        engine,
+        policy=lambda: POLICY,
+        outbound=lambda: EMPTY,
+        outreach=planner(settings, Templates.load(MAPPINGS / "policies" / "templates")),
+    )
+    try:
+        fired = sched.tick(SENT + timedelta(days=3))  # 15:00 UTC: not quiet
+    finally:
+        sched.close()
+    assert fired.effects == ("outreach",)
+
+    def outbox() -> list[tuple[str, str]]:
+        with engine.connect() as conn:
+            return [
+                (r.kind, r.status)
+                for r in conn.execute(select(deliveries.c.kind, deliveries.c.status))
+            ]
+
+    assert outbox() == [("outreach", "pending")]  # no dispatcher ran: it waits
+    assert ("template_language_fallback", "open", None) in items(engine, rid)
+    # Booked before the reminder went: it is cancelled in the booking's transaction.
+    normalise(engine, [siu("T6-S12", "PT6")], SENT + timedelta(days=3, hours=1))
+    assert outbox() == [("outreach", "cancelled")]
