@@ -136,6 +136,12 @@ class Scheduler:
         """Fire every timer due by ``now`` (batch by batch); how many fired."""
         now = now or self.clock()
         total = Fired()
+        # A plain read first: most ticks find nothing due and need not take the writer's
+        # turn from the normaliser.
+        if self.due(now) == 0:
+            if self.metrics is not None:
+                self.metrics.timers_due.set(0)
+            return total
         while True:
             fired = self._batch(now)
             total = Fired(
