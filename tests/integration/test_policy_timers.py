@@ -8,9 +8,10 @@ two engines sharing one PostgreSQL.
 
 from __future__ import annotations
 
-import threading
+import multiprocessing
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -183,7 +184,26 @@ def test_timers_survive_a_restart_and_fire_once(engine):
     assert events(engine, rid).count(Event.OUTREACH_SKIPPED.value) == 2
 
 
-def test_two_engines_on_one_postgres_never_fire_the_same_timer_twice(pg_upgraded):
+def tick_until_done(url: str, at: str, start: Any, results: Any) -> None:
+    """One engine process: its own connection pool and scheduler, ticking until nothing
+    is due (the other process may hold the turn meanwhile); puts how many it fired."""
+    engine = open_(url)
+    scheduler = Scheduler(engine, policy=lambda: POLICY, outbound=lambda: EMPTY, batch=3)
+    now = datetime.fromisoformat(at)
+    total = 0
+    try:
+        start.wait(timeout=30)
+        for _ in range(500):
+            total += scheduler.tick(now).timers
+            if scheduler.due(now) == 0:
+                break
+    finally:
+        scheduler.close()
+        engine.dispose()
+    results.put(total)
+
+
+def test_two_engine_processes_on_one_postgres_never_fire_the_same_timer_twice(pg_upgraded):
     engine_a, engine_b = open_(pg_upgraded), open_(pg_upgraded)
     try:
         placers = [f"PG{i}" for i in range(12)]
@@ -202,28 +222,21 @@ def test_two_engines_on_one_postgres_never_fire_the_same_timer_twice(pg_upgraded
                 )
             ).scalar_one()
         assert due == 2 * len(placers)  # the 3-day reminder and the 14-day window each
-        a = Scheduler(engine_a, policy=lambda: POLICY, outbound=lambda: EMPTY, batch=3)
-        b = Scheduler(engine_b, policy=lambda: POLICY, outbound=lambda: EMPTY, batch=3)
-        fired: dict[str, int] = {}
-        start = threading.Barrier(2)
-
-        def run(name: str, s: Scheduler) -> None:
-            start.wait(timeout=10)
-            total = 0
-            # Ticks until nothing is due: the other scheduler may hold the turn meanwhile.
-            for _ in range(200):
-                total += s.tick(SENT + timedelta(days=14)).timers
-                if s.due(SENT + timedelta(days=14)) == 0:
-                    break
-            fired[name] = total
-
-        threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        a.close()
-        b.close()
+        # Two engine processes (spawned: nothing shared but the database) tick at once.
+        ctx = multiprocessing.get_context("spawn")
+        start = ctx.Barrier(2)
+        results = ctx.Queue()
+        at = (SENT + timedelta(days=14)).isoformat()
+        workers = [
+            ctx.Process(target=tick_until_done, args=(pg_upgraded, at, start, results))
+            for _ in range(2)
+        ]
+        for w in workers:
+            w.start()
+        fired = [results.get(timeout=90) for _ in workers]
+        for w in workers:
+            w.join(timeout=30)
+        assert [w.exitcode for w in workers] == [0, 0]
         # Each due timer fired exactly once between them (the 14-day outreach step of the
         # ladder re-arms after the 7-day one: 3 steps + the window per referral).
         with engine_a.connect() as conn:
@@ -232,7 +245,7 @@ def test_two_engines_on_one_postgres_never_fire_the_same_timer_twice(pg_upgraded
                 .where(referral_events.c.type == Event.REFERRAL_ESCALATED.value)
                 .group_by(referral_events.c.referral_id)
             ).all()
-        assert fired["a"] + fired["b"] == 4 * len(placers)
+        assert sum(fired) == 4 * len(placers)
         assert sorted(n for _, n in escalations) == [1] * len(placers)
     finally:
         engine_a.dispose()
