@@ -56,7 +56,7 @@ from channels.base import (
     RetryableError,
 )
 from engine.config import OutboundConfig
-from engine.domain.projection import LoggedEvent, fold
+from engine.domain.projection import LoggedEvent, Referral, fold
 from engine.domain.referral import Event, State
 from engine.logs import get_logger
 from engine.metrics import Metrics
@@ -245,8 +245,9 @@ class DispatchStore(LogConnection):
                 if outcome.status == "dead"
                 else success_events(d.kind, confirmed=outcome.status == "delivered")
             )
-            changes = with_policy(el, self.policy(), self._events(el, d, kinds, outcome, now), now)
-            el.write(changes, now)
+            events, before = self._events(el, d, kinds, outcome, now)
+            stored = {before.id: before} if before is not None else None
+            el.write(with_policy(el, self.policy(), events, now, stored=stored), now)
             el.commit()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -256,9 +257,12 @@ class DispatchStore(LogConnection):
 
     def _events(
         self, el: EventLog, d: Delivery, kinds: tuple[Event, ...], outcome: Outcome, now: datetime
-    ) -> Changes:
+    ) -> tuple[Changes, Referral | None]:
+        """The outcome's events folded into the referral, and the referral as it was (the
+        policy refolds from there without reading it again)."""
         found = el.referrals([d.referral_id])
         referral = found[0] if found else None
+        before = referral
         ids = [outcome_event_id(d.key, k) for k in kinds]
         known = el.known_events(ids)
         fields: dict[str, Any] = {
@@ -307,7 +311,7 @@ class DispatchStore(LogConnection):
                     fields=text,
                 )
             )
-        return Changes(referrals=[referral] if rows and referral else [], events=rows)
+        return Changes(referrals=[referral] if rows and referral else [], events=rows), before
 
 
 @dataclass

@@ -164,6 +164,8 @@ def with_policy(
     for row in changes.events:
         by_referral[row.referral_id].append(row)
     ids = sorted(by_referral)
+    if not policy.rules():
+        return _without_timers(changes, by_referral)
     # A referral whose first new event is its creation has no stored row and no timers.
     existing = [rid for rid in ids if min(r.sequence for r in by_referral[rid]) > 1]
     before = dict(stored or {})
@@ -224,6 +226,29 @@ def with_policy(
         moved=moved,
         stop_outreach=list(dict.fromkeys(stop)),
     )
+
+
+def _without_timers(changes: Changes, by_referral: Mapping[str, list[EventRow]]) -> Changes:
+    """An empty policy arms nothing: the rows' own state columns say enough for the
+    event-driven items and the state changes (no refold, no reads)."""
+    items: list[NewItem] = list(changes.worklist)
+    moved: list[Moved] = list(changes.moved)
+    stop: list[str] = list(changes.stop_outreach)
+    for rid, rows in sorted(by_referral.items()):
+        last: State | None = None
+        changed = False
+        for row in sorted(rows, key=lambda r: r.sequence):
+            if row.anomaly or row.state_after is None:
+                continue
+            items += _event_items(row, row.state_after)
+            changed = changed or (
+                row.state_before is not None and row.state_before != row.state_after
+            )
+            last = row.state_after
+        if changed and last is not None:
+            moved.append(Moved(rid, last.value))
+            stop.append(rid)
+    return replace(changes, worklist=items, moved=moved, stop_outreach=list(dict.fromkeys(stop)))
 
 
 def record(
