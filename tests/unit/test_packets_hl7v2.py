@@ -923,3 +923,16 @@ def test_segment_order_is_checked() -> None:
     with pytest.raises(RenderError) as caught:
         validate([header, rf1, prd])
     assert caught.value.reason == "PID: required but missing (hl7apy ValidationError)"
+
+
+def test_a_policy_notice_to_the_referrer_says_why_it_comes() -> None:
+    ctx = context(
+        event=Event.REFERRAL_ESCALATED,
+        state=State.SENT,
+        fields={"escalation.reason": "unscheduled_21d", "escalation.notify": "referrer"},
+    )
+    msg = Read(render("hl7v2.orm_status", ctx))
+    assert msg("ORC-5") == ORDER_STATUS[State.SENT]  # the referral's own status
+    assert msg("NTE-3") == (
+        "Referral needs attention (unscheduled 21d). Referral sent to the specialist"
+    )

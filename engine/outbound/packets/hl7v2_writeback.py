@@ -147,6 +147,11 @@ def orm_status(ctx: PacketContext) -> Rendered:
     reason = reason if isinstance(reason, str) and reason else None
     start = data.when("start", group="appointment") if status == "SC" else None
     wording = status_text(ctx.event.type, state)
+    escalation = ctx.event.fields.get("escalation.reason")
+    if ctx.event.type is E.REFERRAL_ESCALATED and isinstance(escalation, str) and escalation:
+        # A policy notice to the referrer (escalation_to_referrer, no_show_notice): the
+        # status stays the referral's; the NTE says why the practice hears about it now.
+        wording = f"Referral needs attention ({escalation.replace('_', ' ')}). {wording}"
     if start is not None:
         wording += f" for {start:%Y-%m-%d %H:%M}" + (f" ({start:%z})" if start.tzinfo else "")
     if reason:
