@@ -118,13 +118,14 @@ async def test_a_reminder_is_texted_and_stop_ends_the_outreach(
         found = await wait_for(lambda: rows(upgraded_url, select(referrals.c.id)), timeout=15)
         rid = found[0][0]
         # The patient's mobile and consent (as an order's PID would carry them), and the
-        # packet sent four days ago: the day-3 reminder is due now.
+        # packet sent four days ago: the 2-hour text and the 1-day reminder are due now
+        # (the second prefers e-mail; this patient has none, so it is a text too).
         sent = datetime.now(UTC) - timedelta(days=4)
         contact = {"patient.phone": PHONE, "patient.consent.sms": "yes", "patient.language": "es"}
         add(upgraded_url, rid, Event.REFERRAL_UPDATED, sent - timedelta(hours=1), contact)
         add(upgraded_url, rid, Event.REFERRAL_SENT, sent, {})
         d.scheduler.wake()
-        await wait_for(lambda: len(peer.seen) >= 1, timeout=15)
+        await wait_for(lambda: len(peer.seen) >= 2, timeout=15)
         text = peer.seen[0].form
         assert text["To"] == PHONE
         assert "ALTO" in text["Body"]  # the Spanish template, with its opt-out words
@@ -134,8 +135,7 @@ async def test_a_reminder_is_texted_and_stop_ends_the_outreach(
                 deliveries.c.kind == "outreach"
             ),
         )
-        assert outreach
-        assert outreach[0].channel == "sms"
+        assert [o.channel for o in outreach] == ["sms", "sms"]
 
         # The patient answers STOP on the gateway; the gateway posts it to refloop.
         async with httpx.AsyncClient() as http:
@@ -180,7 +180,7 @@ async def test_a_reminder_is_texted_and_stop_ends_the_outreach(
             .order_by(referral_events.c.sequence),
         )
     ]
-    assert types.count(Event.OUTREACH_PLANNED.value) == 1
+    assert types.count(Event.OUTREACH_PLANNED.value) == 2
     assert types[-1] == Event.OUTREACH_SKIPPED.value
     assert Event.PATIENT_REPLIED.value in types
-    assert len(peer.of("POST")) == 1
+    assert len(peer.of("POST")) == 2

@@ -122,26 +122,32 @@ def test_a_referral_that_is_never_scheduled_climbs_the_ladder_on_time(engine):
 
     send(engine, rid, SENT)
     assert pending(engine, rid) == [
-        ("schedule_reminders", "outreach", SENT + timedelta(days=3)),
+        ("schedule_reminders", "outreach", SENT + timedelta(hours=2)),
         ("unscheduled", "window", SENT + timedelta(days=14)),
     ]
 
     sched = scheduler(engine)
     try:
-        assert sched.tick(SENT + timedelta(days=3) - SECOND).timers == 0
-        fired = sched.tick(SENT + timedelta(days=3))
+        assert sched.tick(SENT + timedelta(hours=2) - SECOND).timers == 0
+        fired = sched.tick(SENT + timedelta(hours=2))
         assert (fired.timers, fired.effects) == (1, ("outreach",))
         # No outreach planner configured here: the reminder is recorded as skipped.
         assert events(engine, rid)[-1] == Event.OUTREACH_SKIPPED.value
         assert pending(engine, rid)[0] == (
             "schedule_reminders",
             "outreach",
-            SENT + timedelta(days=7),
+            SENT + timedelta(hours=24),
         )
 
         # A late scheduler (an outage) catches up in order, each step once.
         fired = sched.tick(SENT + timedelta(days=14, hours=1))
-        assert sorted(fired.effects) == ["escalate", "outreach", "outreach", "worklist"]
+        assert sorted(fired.effects) == [
+            "escalate",
+            "outreach",
+            "outreach",
+            "outreach",
+            "worklist",
+        ]
         assert items(engine, rid) == [("not_scheduled_in_14d", "open", None)]
         assert events(engine, rid).count(Event.REFERRAL_ESCALATED.value) == 1
         assert pending(engine, rid) == [
@@ -170,7 +176,7 @@ def test_timers_survive_a_restart_and_fire_once(engine):
     rid = referral_id(engine, "PT2")
     send(engine, rid, SENT)
     first = scheduler(engine)
-    assert first.tick(SENT + timedelta(days=3)).timers == 1
+    assert first.tick(SENT + timedelta(days=3)).timers == 2  # the 2-hour and 1-day steps
     first.close()
     engine.dispose()  # the process is gone: a new engine, a new scheduler
 
@@ -181,7 +187,7 @@ def test_timers_survive_a_restart_and_fire_once(engine):
         assert again.tick(SENT + timedelta(days=7)).timers == 0
     finally:
         again.close()
-    assert events(engine, rid).count(Event.OUTREACH_SKIPPED.value) == 2
+    assert events(engine, rid).count(Event.OUTREACH_SKIPPED.value) == 3
 
 
 def tick_until_done(url: str, at: str, start: Any, results: Any) -> None:
@@ -221,7 +227,7 @@ def test_two_engine_processes_on_one_postgres_never_fire_the_same_timer_twice(pg
                     referral_timers.c.due_at <= SENT + timedelta(days=14),
                 )
             ).scalar_one()
-        assert due == 2 * len(placers)  # the 3-day reminder and the 14-day window each
+        assert due == 2 * len(placers)  # the 2-hour text and the 14-day window each
         # Two engine processes (spawned: nothing shared but the database) tick at once.
         ctx = multiprocessing.get_context("spawn")
         start = ctx.Barrier(2)
@@ -237,15 +243,15 @@ def test_two_engine_processes_on_one_postgres_never_fire_the_same_timer_twice(pg
         for w in workers:
             w.join(timeout=30)
         assert [w.exitcode for w in workers] == [0, 0]
-        # Each due timer fired exactly once between them (the 14-day outreach step of the
-        # ladder re-arms after the 7-day one: 3 steps + the window per referral).
+        # Each due timer fired exactly once between them (each ladder step arms the next:
+        # the 2-hour, 1-day, 7-day and 14-day steps and the window, per referral).
         with engine_a.connect() as conn:
             escalations = conn.execute(
                 select(referral_events.c.referral_id, func.count())
                 .where(referral_events.c.type == Event.REFERRAL_ESCALATED.value)
                 .group_by(referral_events.c.referral_id)
             ).all()
-        assert sum(fired) == 4 * len(placers)
+        assert sum(fired) == 5 * len(placers)
         assert sorted(n for _, n in escalations) == [1] * len(placers)
     finally:
         engine_a.dispose()
@@ -355,7 +361,7 @@ def test_booking_cancels_a_reminder_still_waiting_in_the_outbox(engine):
         fired = sched.tick(SENT + timedelta(days=3))  # 15:00 UTC: not quiet
     finally:
         sched.close()
-    assert fired.effects == ("outreach",)
+    assert fired.effects == ("outreach", "outreach")  # the 2-hour text, the 1-day one
 
     def outbox() -> list[tuple[str, str]]:
         with engine.connect() as conn:
@@ -364,8 +370,8 @@ def test_booking_cancels_a_reminder_still_waiting_in_the_outbox(engine):
                 for r in conn.execute(select(deliveries.c.kind, deliveries.c.status))
             ]
 
-    assert outbox() == [("outreach", "pending")]  # no dispatcher ran: it waits
+    assert outbox() == [("outreach", "pending")] * 2  # no dispatcher ran: they wait
     assert ("template_language_fallback", "open", None) in items(engine, rid)
     # Booked before the reminder went: it is cancelled in the booking's transaction.
     normalise(engine, [siu("T6-S12", "PT6")], SENT + timedelta(days=3, hours=1))
-    assert outbox() == [("outreach", "cancelled")]
+    assert outbox() == [("outreach", "cancelled")] * 2

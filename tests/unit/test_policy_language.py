@@ -643,13 +643,15 @@ def test_the_shipped_policy_has_the_design_examples() -> None:
     assert days["awaiting_note"] == 7
     reminders = SHIPPED.rule("schedule_reminders")
     assert isinstance(reminders, Ladder)
-    assert [(s.after.days, s.do) for s in reminders.steps] == [
-        (3, "outreach"),
-        (7, "outreach"),
-        (14, "outreach"),
-        (21, "escalate"),
-        (21, "notify"),
+    assert [(s.after, s.do) for s in reminders.steps] == [
+        (timedelta(hours=2), "outreach"),  # a text within 2 hours of sending
+        (timedelta(hours=24), "outreach"),  # an e-mail at 24 hours if still unscheduled
+        (timedelta(days=7), "outreach"),
+        (timedelta(days=14), "outreach"),
+        (timedelta(days=21), "escalate"),
+        (timedelta(days=21), "notify"),
     ]
+    assert [s.prefer[0] for s in reminders.steps[:2]] == ["sms", "email"]
     assert reminders.steps[-1].to == "referrer"
     notes = SHIPPED.rule("note_requests")
     assert isinstance(notes, Ladder)
