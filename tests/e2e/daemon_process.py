@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,6 +54,9 @@ class DaemonProcess:
             stdout=log,
             stderr=log,
             env={k: v for k, v in os.environ.items() if not k.startswith("REFLOOP_")},
+            # Its own process group: a kill takes its children too (render and normaliser
+            # processes), as a container or systemd stop would, and leaves no orphans.
+            start_new_session=True,
         )
 
     def ready(self) -> bool:
@@ -75,6 +79,7 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+        self._kill_group()
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -83,3 +88,11 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """What the daemon started and its death left behind (a SIGKILL gives it no
+        chance to stop its render and normaliser processes)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
