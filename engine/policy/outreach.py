@@ -60,9 +60,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any, Protocol
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.domain.projection import Referral
+from engine.domain.timezones import zone_of
 from engine.policy.language import Policy
 from engine.policy.timers import Effect
 
@@ -365,17 +365,6 @@ def _template(
     if default not in wanted and templates.has(template, default, medium):
         return default, bool(wanted)
     return None
-
-
-def zone_of(name: str | None, default: str) -> tzinfo:
-    """The patient's zone (an IANA name), else ``default``, else UTC."""
-    for candidate in (name, default):
-        if candidate:
-            try:
-                return ZoneInfo(candidate)
-            except (ZoneInfoNotFoundError, ValueError):
-                continue
-    return UTC
 
 
 def quiet_until(now: datetime, zone: tzinfo, settings: OutreachSettings) -> datetime | None:

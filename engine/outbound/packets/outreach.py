@@ -41,11 +41,11 @@ from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
+from engine.domain.timezones import zone_of
 from engine.outbound.model import PacketContext, Rendered, RenderError
 
 __all__ = [
@@ -82,17 +82,6 @@ _FILE = re.compile(
     r"^(?P<template>[a-z0-9][a-z0-9_.\-]*?)\.(?P<language>[a-z]{2,3}(?:-[a-z0-9]{2,8})?)"
     r"\.(?P<medium>sms|email)\.j2$"
 )
-
-
-def zone_of(name: str | None, default: str) -> tzinfo:
-    """The patient's zone (an IANA name), else ``default``, else UTC."""
-    for candidate in (name, default):
-        if candidate:
-            try:
-                return ZoneInfo(candidate)
-            except (ZoneInfoNotFoundError, ValueError):
-                continue
-    return UTC
 
 
 #: The route options these renderers read (what the lead's route_options must return).
