@@ -56,7 +56,7 @@ from channels.base import (
     RetryableError,
 )
 from engine.config import OutboundConfig
-from engine.domain.projection import LoggedEvent, Referral, fold
+from engine.domain.projection import Referral
 from engine.domain.referral import Event, State
 from engine.logs import get_logger
 from engine.metrics import Metrics
@@ -74,9 +74,8 @@ from engine.outbound.retry import DeadLetter, Policy, after_failure, success_eve
 from engine.policy.language import Policy as ReferralPolicy
 from engine.protocol.hl7v2 import HeaderError, codec_for, decode
 from engine.services.mappings import NO_POLICY
-from engine.services.pipeline import canonical_json
-from engine.services.policy_runtime import with_policy
-from engine.store.eventlog import Changes, EventLog, EventRow, LogConnection
+from engine.services.policy_runtime import NewEvent, append, with_policy
+from engine.store.eventlog import Changes, EventLog, LogConnection
 from engine.store.outbox import Delivery
 from engine.store.schema import is_fhir_message
 
@@ -261,10 +260,10 @@ class DispatchStore(LogConnection):
         """The outcome's events folded into the referral, and the referral as it was (the
         policy refolds from there without reading it again)."""
         found = el.referrals([d.referral_id])
-        referral = found[0] if found else None
-        before = referral
+        if not found:
+            return Changes(), None
+        referral = found[0]
         ids = [outcome_event_id(d.key, k) for k in kinds]
-        known = el.known_events(ids)
         fields: dict[str, Any] = {
             "delivery.id": d.id,
             "delivery.kind": d.kind,
@@ -282,36 +281,12 @@ class DispatchStore(LogConnection):
                 fields["delivery.detail"] = outcome.receipt.detail
         if outcome.status == "dead":
             fields["delivery.error"] = outcome.reason
-        text = canonical_json(fields)
-        rows: list[EventRow] = []
-        for kind, eid in zip(kinds, ids, strict=True):
-            if eid in known or referral is None:
-                continue
-            logged = LoggedEvent(kind, fields, now, now, 1.0)
-            folded, step = fold(referral, d.referral_id, logged)
-            if folded is not None:
-                referral = folded
-            rows.append(
-                EventRow(
-                    id=eid,
-                    referral_id=d.referral_id,
-                    sequence=step.sequence,
-                    type=kind,
-                    occurred_at=now,
-                    recorded_at=now,
-                    message_id=None,
-                    mapping_id="",
-                    mapping_digest="",
-                    rule_id=f"route:{d.route_id}",
-                    correlation_method="delivery",
-                    confidence=1.0,
-                    state_before=step.state_before,
-                    state_after=step.state_after,
-                    anomaly=step.anomaly,
-                    fields=text,
-                )
-            )
-        return Changes(referrals=[referral] if rows and referral else [], events=rows), before
+        events = [
+            NewEvent(eid, kind, fields, now, f"route:{d.route_id}", "delivery")
+            for kind, eid in zip(kinds, ids, strict=True)
+        ]
+        changes, _ = append(el, referral, events, now)
+        return changes, referral
 
 
 @dataclass

@@ -28,17 +28,16 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from engine.domain.projection import LoggedEvent, Referral, fold
 from engine.domain.referral import Event, State
-from engine.outbound.model import DeliveryRequest, Trigger
 from engine.policy.language import Policy
 from engine.policy.timers import Timer, on_transition
-from engine.services.pipeline import canonical_json, delivery_row, trigger_for
+from engine.services.pipeline import Route, canonical_json, delivery_row, trigger_for
 from engine.store.eventlog import Changes, EventLog, EventRow, LogConnection
 from engine.store.outbox import NewDelivery
 from engine.store.worklist import Moved, NewItem
@@ -53,8 +52,6 @@ __all__ = [
     "record",
     "with_policy",
 ]
-
-Route = Callable[[Trigger], tuple[Sequence[DeliveryRequest], Sequence[str]]]
 
 _NAMESPACE = uuid.UUID("5d0f3b8a-61c2-4c8e-9a57-3c1f2b7d9e40")
 #: Below this a correlation was a guess (the patient + specialty heuristic), as

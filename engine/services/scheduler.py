@@ -254,7 +254,6 @@ class Scheduler:
                 changes = merge(changes, Changes(worklist=[item]))
             elif effect.kind == "escalate":
                 done, referral = append(el, referral, [_escalated(effect)], now)
-                # A missed window is an exception for a person as well as an event.
                 changes = merge(changes, done)
             elif effect.kind == "notify":
                 done, referral = self._notify(el, referral, effect, now)
