@@ -55,6 +55,7 @@ from starlette.routing import BaseRoute, Route
 from engine.config import Config, FhirSourceConfig
 from engine.edges.fhir_auth import FhirAuth, forbidden, header, signature_hex, unauthorized
 from engine.edges.fhir_facade import Answer, FacadeRefusal, ReadFacade
+from engine.edges.http_app import read_body
 from engine.logs import get_logger
 from engine.metrics import Metrics
 from engine.protocol.fhir import (
@@ -477,16 +478,11 @@ class FhirApi:
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, read as it arrives and abandoned once past ``limit`` (413)."""
-    declared = header(request.headers, "content-length")
-    if declared and declared.strip().isdigit() and int(declared) > limit:
+    """The body, abandoned once past ``limit`` (413)."""
+    body = await read_body(request, limit)
+    if body is None:
         raise _too_large(limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
-    return bytes(body)
+    return body
 
 
 def _too_large(limit: int) -> _Refused:

@@ -44,6 +44,7 @@ from starlette.routing import Route
 
 from engine.config import Config, FhirSourceConfig
 from engine.edges.fhir_auth import FhirAuth, forbidden, unauthorized
+from engine.edges.http_app import read_body
 from engine.logs import get_logger
 from engine.metrics import FHIR_RESOURCE_LABELS, Metrics
 from engine.protocol.fhir import (
@@ -109,21 +110,6 @@ def _label(note: Notification | None, path_type: str | None) -> str:
     return rtype if rtype in FHIR_RESOURCE_LABELS else "other"
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it is longer than ``limit``."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
@@ -148,7 +134,7 @@ class _Handler:
         if source is None:
             self._count("unknown", label, "unauthorized")
             return unauthorized()
-        body = await _read_body(request, source.max_body_bytes)
+        body = await read_body(request, source.max_body_bytes)
         if body is None:
             self._count(source.name, label, "too_large")
             return _outcome(

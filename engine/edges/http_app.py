@@ -15,6 +15,20 @@ from engine.metrics import Metrics
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it is (or declares to be) longer than ``limit``:
+    read as it arrives, so an oversize body is abandoned without being held."""
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def build_app(
     metrics: Metrics,
     *,

@@ -69,6 +69,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from engine.domain.referral import Event
+from engine.edges.http_app import read_body
 from engine.policy.language import Policy
 from engine.services.policy_runtime import NewEvent, append, merge, with_policy
 from engine.store.eventlog import Changes, LogConnection
@@ -233,7 +234,7 @@ class SmsReplies:
         auth = self.channels.get(channel)
         if auth is None:
             return Response(status_code=404)
-        raw = await _read(request)
+        raw = await read_body(request, MAX_BODY)
         if raw is None:
             return Response(status_code=413)
         kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -359,18 +360,6 @@ def _unmatched_detail(channel: str, reply: Reply, status: str, patients: int) ->
         f"SMS reply on channel {channel} ({what}) matched {who}: find message {ref} in "
         "the gateway's log to see who sent it"
     )
-
-
-async def _read(request: Request) -> bytes | None:
-    """The body, or None when it is longer than :data:`MAX_BODY`."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def sms_reply_routes(
