@@ -7,9 +7,11 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import uvicorn
 
 from engine.config import Config, parse_config
 from engine.protocol.mllp import Frame, FrameDecoder, encode
@@ -182,3 +184,29 @@ def segments(ack: bytes) -> dict[str, list[str]]:
 
 def pg_url() -> str:
     return os.environ.get("REFLOOP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn in the test's event loop, leaving signal handling to pytest."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any) -> AsyncIterator[int]:
+    """Serve ``app`` on a loopback port for the block; yields the port."""
+    server = QuietServer(
+        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False)
+    )
+    sock = socket.create_server(("127.0.0.1", 0))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await wait_for(lambda: server.started or task.done())
+        if task.done():
+            task.result()
+        yield int(sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import hmac
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ import httpx
 import pytest
 import pytest_asyncio
 import structlog
-import uvicorn
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,7 +47,7 @@ from engine.store.schema import (
 )
 from tests import loop_messages as lm
 from tests.conftest import migrated, require_postgres
-from tests.helpers import SHARED, make_config, pg_url, wait_for
+from tests.helpers import SHARED, make_config, pg_url, serve_app
 from tests.normalising import drain, shipped
 
 # One server per database for the whole module (starting uvicorn and migrating a
@@ -92,12 +90,6 @@ def task(tid: str = "t1", version: str | None = "1", status: str = "requested") 
 
 def body(resource: dict[str, Any]) -> bytes:
     return json.dumps(resource).encode()
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # the test process keeps its own signal handling
 
 
 @dataclass
@@ -192,19 +184,10 @@ async def serving(config: Config) -> AsyncIterator[Harness]:
         listeners_ok=lambda: [],
         extra_routes=fhir_routes(config, writer, metrics, engine),
     )
-    server = _Server(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False)
-    )
-    sock = socket.create_server(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    task_ = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await wait_for(lambda: server.started or task_.done())
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with serve_app(app) as port, httpx.AsyncClient(timeout=10) as http:
             yield Harness(f"http://127.0.0.1:{port}/fhir/r4", engine, metrics, http)
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task_, 10)
         writer.stop()
         engine.dispose()
 

@@ -47,7 +47,7 @@ from engine.store import subscriptions as store
 from engine.store.database import open_engine
 from engine.store.schema import fhir_followups, messages
 from tests.conftest import migrated
-from tests.helpers import make_config, wait_for
+from tests.helpers import QuietServer, make_config, wait_for
 from tests.peers.sekmet import Sekmet, SekmetHandle
 
 SOURCE = "ehr-fhir"
@@ -60,14 +60,6 @@ HMAC_ENV = "REFLOOP_TEST_FHIR_HMAC"
 TOPICS = "http://sekmet.dev/fhir/SubscriptionTopic"
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "fhir" / "Bundle"
 WAIT = 15.0
-
-
-class _Server(uvicorn.Server):
-    """uvicorn in the test's loop, leaving signal handling to pytest."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class Clock:
@@ -92,7 +84,7 @@ class Harness:
     manager: SubscriptionManager
     port: int
     clock: Clock
-    _server: _Server | None = None
+    _server: QuietServer | None = None
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -112,7 +104,7 @@ class Harness:
             notify_routes=notify_routes(notify),
             auth=auth,
         )
-        self._server = _Server(
+        self._server = QuietServer(
             uvicorn.Config(
                 Starlette(routes=routes), log_config=None, access_log=False, lifespan="off"
             )

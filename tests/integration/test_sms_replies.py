@@ -10,7 +10,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import Engine, select
 
 from engine.domain.referral import Event
@@ -33,7 +31,7 @@ from engine.store.eventlog import Changes, LogConnection
 from engine.store.outbox import NewDelivery
 from engine.store.preferences import PreferenceQueries
 from engine.store.schema import deliveries, patient_preferences, referral_events, worklist_items
-from tests.helpers import MAPPINGS, wait_for
+from tests.helpers import MAPPINGS, serve_app
 from tests.loop_messages import orm
 from tests.normalising import drain, open_, shipped, store
 
@@ -44,12 +42,6 @@ TWILIO_TOKEN = "twilio-auth-token-55aa"
 PUBLIC = "https://refloop.clinic.example/sms/replies/twilio"
 PATIENT_PHONE = "(555) 555-0142"  # as the EHR wrote it
 FROM = "+15555550142"  # as the gateway sends it
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # the test process keeps its own signal handling
 
 
 @dataclass
@@ -127,19 +119,10 @@ async def serving(engine: Engine) -> AsyncIterator[Harness]:
         listeners_ok=lambda: [],
         extra_routes=replies.routes(),
     )
-    server = _Server(
-        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False)
-    )
-    sock = socket.create_server(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await wait_for(lambda: server.started or task.done())
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with serve_app(app) as port, httpx.AsyncClient(timeout=10) as http:
             yield Harness(f"http://127.0.0.1:{port}", engine, http)
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
         await asyncio.to_thread(replies.close)
 
 
