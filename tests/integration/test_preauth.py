@@ -4,8 +4,7 @@ specialist, on SQLite and PostgreSQL: an order the payer table holds sends nothi
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from engine.services.dispatcher import Dispatcher
 from engine.services.mappings import load_outbound_checked, router_of
 from engine.services.normaliser import Processor, Source
 from engine.store.schema import deliveries, referral_events, referrals
+from tests.integration.test_dispatcher import run_until
 from tests.normalising import drain, open_, shipped, store
 from tests.peers.mllp_peer import MllpPeer
 from tests.unit.test_routing_network import write_network
@@ -112,18 +112,6 @@ def dispatcher(engine: Engine, config: Config, pipeline: Pipeline) -> Dispatcher
     )
 
 
-async def deliver(d: Dispatcher, check: Callable[[], Any], timeout: float = 20.0) -> None:
-    d.start()
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                d.wake_threadsafe()
-                await asyncio.sleep(0.02)
-        await d.idle()
-    finally:
-        await d.stop()
-
-
 def invoke(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
@@ -176,7 +164,7 @@ async def test_a_held_referral_sends_nothing_until_authorized(
         # Only the referral the table does not hold has a packet waiting.
         assert outbox(engine) == [("packet_to_specialist", "ortho-south", "pending")]
         d = dispatcher(engine, config, pipeline)
-        await deliver(d, lambda: len(peer.messages) == 1)
+        await run_until(d, lambda: len(peer.messages) == 1, timeout=20)
         assert outbox(engine)[0][2] == "delivered"
 
         # Actions that do not fit are refused and write nothing.
@@ -231,7 +219,9 @@ async def test_a_held_referral_sends_nothing_until_authorized(
         assert len(outbox(engine)) == 2
 
         # a dispatcher runs once: the next start is a new one, as after a restart
-        await deliver(dispatcher(engine, config, pipeline), lambda: len(peer.messages) == 2)
+        await run_until(
+            dispatcher(engine, config, pipeline), lambda: len(peer.messages) == 2, timeout=20
+        )
         packet = hl7.parse(peer.messages[1].decode())
         assert str(packet.segment("MSH")[9]).startswith("REF^I12")
         assert "PA100" in str(packet.segment("RF1")[6])
