@@ -330,7 +330,8 @@ class SmsReplies:
                 finally:
                     cur.close()
             if consent is False and ids:
-                changes = merge(changes, Changes(stop_outreach=ids))
+                stopped = [(rid, "the patient replied STOP") for rid in ids]
+                changes = merge(changes, Changes(stop_outreach=stopped))
             changes = with_policy(el, self.policy(), changes, now)
             el.write(changes, now)
             el.commit()

@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 _NAMESPACE = uuid.UUID("5d0f3b8a-61c2-4c8e-9a57-3c1f2b7d9e40")
+#: Why outreach still waiting in the outbox was cancelled by a state change.
+MOVED_ON = "the referral moved on"
 #: Below this a correlation was a guess (the patient + specialty heuristic), as
 #: engine.domain.correlation.Match.needs_review has it.
 CONFIDENT = 0.9
@@ -177,7 +179,7 @@ def with_policy(
     cleared: list[str] = list(changes.cleared_timers)
     items: list[NewItem] = list(changes.worklist)
     moved: list[Moved] = list(changes.moved)
-    stop: list[str] = list(changes.stop_outreach)
+    stop: list[tuple[str, str]] = list(changes.stop_outreach)
     for rid in ids:
         current = before.get(rid)
         timers = pending[rid]
@@ -214,7 +216,7 @@ def with_policy(
                 state_changed = True
         if state_changed and current is not None:
             moved.append(Moved(rid, current.state.value))
-            stop.append(rid)
+            stop.append((rid, MOVED_ON))
     return replace(
         changes,
         timers=list(armed.values()),
@@ -230,7 +232,7 @@ def _without_timers(changes: Changes, by_referral: Mapping[str, list[EventRow]])
     event-driven items and the state changes (no refold, no reads)."""
     items: list[NewItem] = list(changes.worklist)
     moved: list[Moved] = list(changes.moved)
-    stop: list[str] = list(changes.stop_outreach)
+    stop: list[tuple[str, str]] = list(changes.stop_outreach)
     for rid, rows in sorted(by_referral.items()):
         last: State | None = None
         changed = False
@@ -244,7 +246,7 @@ def _without_timers(changes: Changes, by_referral: Mapping[str, list[EventRow]])
             last = row.state_after
         if changed and last is not None:
             moved.append(Moved(rid, last.value))
-            stop.append(rid)
+            stop.append((rid, MOVED_ON))
     return replace(changes, worklist=items, moved=moved, stop_outreach=list(dict.fromkeys(stop)))
 
 

@@ -141,7 +141,8 @@ class Changes:
     fired_timers: Sequence[str] = ()
     worklist: Sequence[NewItem] = ()
     moved: Sequence[Moved] = ()
-    stop_outreach: Sequence[str] = ()  # referral ids: cancel their pending outreach
+    # (referral id, why): cancel the referral's outreach still waiting in the outbox.
+    stop_outreach: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,10 +340,12 @@ class EventLog(DriverQueries):
                     self.sql["insert_key"],
                     [(k.kind.value, k.value, k.assigner, rid) for k, rid in changes.keys],
                 )
-            if changes.stop_outreach:  # before new deliveries: a nudge planned now stays
-                self.outbox.cancel_pending(
-                    cur, changes.stop_outreach, "outreach", "the referral moved on", now
-                )
+            # Before new deliveries: a nudge planned in this transaction stays.
+            reasons: dict[str, list[str]] = {}
+            for rid, why in dict.fromkeys(changes.stop_outreach):
+                reasons.setdefault(why, []).append(rid)
+            for why, rids in reasons.items():
+                self.outbox.cancel_pending(cur, rids, "outreach", why, now)
             if changes.deliveries:
                 self.outbox.insert(cur, changes.deliveries, now)
             self.timers.clear(cur, changes.cleared_timers, now)

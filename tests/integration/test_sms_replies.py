@@ -173,6 +173,7 @@ async def test_stop_flips_consent_records_the_reply_and_cancels_pending_outreach
         assert "555" not in detail  # the number never reaches the worklist
         (row,) = api.rows(deliveries)
         assert row["status"] == "cancelled"
+        assert row["last_error"] == "the patient replied STOP"  # not "moved on"
 
         # The gateway retries the same message: nothing twice. Then the patient opts in.
         again = await api.form({"MessageSid": "SM0001", "From": FROM, "Body": "Stop"})
