@@ -85,8 +85,6 @@ OPEN_30D = "refloop_open_referrals_30d_ratio"
 DAYS_TO_CLOSE = "refloop_days_to_close"
 #: What a due policy timer did (the ``kind`` label of refloop_escalations_total).
 ESCALATION_KINDS = ("escalate", "worklist", "notify", "outreach")
-#: Outreach outcomes (the ``outcome`` label of refloop_outreach_total).
-OUTREACH_OUTCOMES = ("planned", "deferred", "skipped", "sent", "failed", "reply")
 
 #: What the normaliser owns; when it runs in its own process, these come from there.
 REFERRAL_CORE_FAMILIES = frozenset(
